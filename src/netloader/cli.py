@@ -1,0 +1,106 @@
+"""Command line: ``netloader probe HOST:PORT``, ``netloader serve FILE``, ``netloader demo``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from .errors import NetloaderError
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .client import probe
+
+    info = probe(args.address, token=args.token, timeout=args.timeout)
+    if args.json:
+        print(info.model_dump_json(indent=2))
+        return 0
+    layout = ", ".join(f"{k}={v}" for k, v in info.layout.items()) or "-"
+    print(f"source     {args.address} (netloader {info.version}, protocol {info.proto})")
+    print(f"model_id   {info.model_id}")
+    print(f"rank       {info.rank}")
+    print(f"layout     {layout}")
+    print(f"tensors    {info.tensors} ({info.bytes / 1e9:.3f} GB) on {info.device} via {info.backend}")
+    print(
+        f"transfers  {info.active_transfers} running of {info.max_concurrent} allowed, {info.transfers_served} served"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    from .server import WeightServer
+
+    tensors = load_file(args.file, device=args.device)
+    layout = json.loads(args.layout) if args.layout else None
+    server = WeightServer(
+        tensors, model_id=args.model_id, rank=args.rank, layout=layout, host=args.host, port=args.port, token=args.token
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with server:
+        print(f"serving {args.file} as {args.model_id!r} rank {args.rank} on {server.address}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(gib=args.gib, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netloader", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    token_help = "shared token (default: $NETLOADER_TOKEN)"
+
+    p = sub.add_parser("probe", help="ask a source what it serves")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--token", default=os.environ.get("NETLOADER_TOKEN"), help=token_help)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+    p.set_defaults(func=_probe)
+
+    p = sub.add_parser("serve", help="serve the tensors of a safetensors file")
+    p.add_argument("file")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--layout", help='JSON object, e.g. \'{"tp": 2, "pp": 1}\'')
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--token", default=os.environ.get("NETLOADER_TOKEN"), help=token_help)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="move a generated ~1 GiB Llama-shaped model between two processes")
+    p.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default 1)")
+    p.add_argument("--workdir", help="where to write the temporary safetensors file")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except NetloaderError as exc:
+        print(f"netloader: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

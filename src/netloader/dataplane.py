@@ -1,0 +1,325 @@
+"""Data plane: executes a :class:`~netloader.plan.TransferPlan` over a private two-rank torch.distributed group.
+
+The backend follows the tensors' device and is chosen here and nowhere else: gloo for cpu, nccl for cuda,
+hccl for npu (with torch_npu installed). Each transfer gets its own group, built directly on a
+:class:`torch.distributed.TCPStore` that the source hosts, so it needs no default process group and lives
+beside whatever groups the owning process (vLLM, say) already has; several transfers can run at once.
+
+Packed messages go through ``depth`` staging buffers of ``bucket_size`` bytes per side, so packing (source) and
+unpacking (client) overlap with the wire. Direct messages are sent from the source tensor's own memory and
+received straight into the destination tensor's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributed import PrefixStore, TCPStore
+
+from .errors import ConfigError, NetloaderError, TransferError, TransferTimeoutError
+from .plan import Op, TransferPlan
+
+SOURCE_RANK = 0
+CLIENT_RANK = 1
+
+#: device type -> torch.distributed backend. The only place the backend is chosen.
+BACKEND_BY_DEVICE: dict[str, str] = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+DEFAULT_DEPTH = 2
+#: at most this many messages are posted at once per transfer (direct ones need no staging buffer)
+MAX_INFLIGHT = 8
+
+
+def backend_for(device: torch.device) -> str:
+    try:
+        return BACKEND_BY_DEVICE[device.type]
+    except KeyError:
+        raise ConfigError(f"no netloader data plane for device type {device.type!r}") from None
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def host_store(host: str, timeout: float) -> TCPStore:
+    """The rendezvous a source hosts for one transfer (a free port, no waiting for workers)."""
+    return TCPStore(host, 0, None, True, _td(timeout), wait_for_workers=False)
+
+
+def join_store(host: str, port: int, timeout: float) -> TCPStore:
+    return TCPStore(host, port, None, False, _td(timeout))
+
+
+def pair_group(
+    backend: str, store: TCPStore, group: str, rank: int, *, local_host: str, device: torch.device, timeout: float
+) -> object:
+    """Build the private two-rank group of one transfer (``rank`` 0 is the source).
+
+    Returns the backend object itself (``ProcessGroupGloo`` / ``ProcessGroupNCCL`` / ``ProcessGroupHCCL``),
+    which has ``send``/``recv`` and is never registered with torch.distributed's global state.
+    """
+    try:
+        return _new_backend(backend, PrefixStore(f"netloader/{group}/", store), rank, local_host, device, timeout)
+    except NetloaderError:
+        raise
+    except Exception as exc:
+        raise TransferError(f"could not form the {backend} transfer group: {_short(str(exc))}") from None
+
+
+def _new_backend(
+    backend: str, prefixed: PrefixStore, rank: int, local_host: str, device: torch.device, timeout: float
+) -> object:
+    if backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        opts = ProcessGroupGloo._Options()
+        opts._timeout = _td(timeout)
+        opts._devices = [ProcessGroupGloo.create_device(hostname=local_host)]
+        return ProcessGroupGloo(prefixed, rank, 2, opts)
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        torch.cuda.set_device(device)
+        opts = ProcessGroupNCCL.Options()
+        opts._timeout = _td(timeout)
+        return ProcessGroupNCCL(prefixed, rank, 2, opts)
+    if backend == "hccl":
+        import torch_npu  # type: ignore[import-not-found]  # noqa: F401
+        from torch_npu._C._distributed_c10d import ProcessGroupHCCL  # type: ignore[import-not-found]
+
+        opts = ProcessGroupHCCL.Options()
+        opts._timeout = _td(timeout)
+        return ProcessGroupHCCL(prefixed, rank, 2, opts)
+    raise ConfigError(f"unknown backend {backend!r}")
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D uint8 view of a contiguous tensor's bytes (None if the tensor is not contiguous)."""
+    if not tensor.is_contiguous():
+        return None
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run device work on a private stream so a serving source does not serialise with inference."""
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+    else:
+        yield
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+
+
+class _Executor:
+    """What sender and receiver share: the bound tensors, staging buffers and the in-flight window."""
+
+    def __init__(
+        self,
+        plan: TransferPlan,
+        tensors: Sequence[torch.Tensor],
+        group: object,
+        *,
+        device: torch.device,
+        depth: int = DEFAULT_DEPTH,
+        on_op: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.tensors = list(tensors)
+        self.flat = [flat_bytes(t) for t in self.tensors]
+        self.group = group
+        self.device = device
+        self.depth = max(1, depth)
+        self.on_op = on_op
+        self.cancel = cancel or threading.Event()
+        self.check = check
+        self._slots: list[_Slot] = []
+        self._free: deque[_Slot] = deque()
+        self._whole: dict[int, torch.Tensor] = {}  # contiguous stand-ins for non-contiguous direct tensors
+
+    def _take_slot(self) -> _Slot:
+        if self._free:
+            return self._free.popleft()
+        slot = _Slot(torch.empty(self.plan.params.bucket_size, dtype=torch.uint8, device=self.device))
+        self._slots.append(slot)
+        return slot
+
+    def _can_take_slot(self) -> bool:
+        return bool(self._free) or len(self._slots) < self.depth
+
+    def _check_cancel(self) -> None:
+        """Called between messages: a cancel request or a failed ``check`` stops the transfer here."""
+        if self.cancel.is_set():
+            raise TransferError("transfer cancelled")
+        if self.check is not None:
+            self.check()
+
+    def _segment_views(self, op: Op, buffer: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(views into the staging buffer, matching local tensors) for a packed op."""
+        pieces = buffer[: op.nbytes].split([s.length for s in op.segments])
+        mine: list[torch.Tensor] = []
+        theirs: list[torch.Tensor] = []
+        for seg, piece in zip(op.segments, pieces, strict=True):
+            flat = self.flat[seg.index]
+            if flat is not None:
+                mine.append(flat)
+                theirs.append(piece)
+            else:
+                tensor = self.tensors[seg.index]
+                mine.append(tensor)
+                theirs.append(piece.view(tensor.dtype).view(tensor.shape))
+        return theirs, mine
+
+    def _whole_bytes(self, index: int, *, fill: bool) -> torch.Tensor:
+        """Contiguous bytes standing in for a non-contiguous direct tensor."""
+        whole = self._whole.get(index)
+        if whole is None:
+            tensor = self.tensors[index]
+            whole = tensor.contiguous() if fill else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            whole = whole.reshape(-1).view(torch.uint8)
+            self._whole[index] = whole
+        return whole
+
+    def _is_last_chunk(self, op: Op) -> bool:
+        seg = op.segments[0]
+        return seg.start + seg.length == self.tensors[seg.index].numel() * self.tensors[seg.index].element_size()
+
+    def _post(self, send: bool, buf: torch.Tensor, index: int) -> object:
+        """Post one message (tag = its index in the plan) and return its work handle."""
+        try:
+            if send:
+                return self.group.send([buf], CLIENT_RANK, index)  # type: ignore[attr-defined]
+            return self.group.recv([buf], SOURCE_RANK, index)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise TransferError(f"message {index} could not be posted: {_short(str(exc))}") from None
+
+    def _wait(self, work: object, index: int) -> None:
+        try:
+            work.wait()  # type: ignore[attr-defined]
+        except Exception as exc:
+            text = str(exc)
+            if "Timed out" in text or "timed out" in text or "Timeout" in text:
+                raise TransferTimeoutError(f"message {index} made no progress in time: {_short(text)}") from None
+            raise TransferError(f"message {index} failed: {_short(text)}") from None
+
+
+def _short(text: str) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return first[:300]
+
+
+class Sender(_Executor):
+    def run(self, start_op: int = 0) -> int:
+        """Send ops ``start_op..`` in order; returns the bytes sent."""
+        inflight: deque[tuple[object, int, _Slot | None]] = deque()
+        sent = 0
+
+        def complete_oldest() -> None:
+            nonlocal sent
+            work, i, slot = inflight.popleft()
+            self._wait(work, i)
+            if slot is not None:
+                self._free.append(slot)
+            sent += self.plan.ops[i].nbytes
+            if self.on_op:
+                self.on_op(i, self.plan.ops[i].nbytes)
+
+        with _side_stream(self.device), torch.no_grad():
+            for i in range(start_op, len(self.plan.ops)):
+                self._check_cancel()
+                op = self.plan.ops[i]
+                slot = None
+                if op.packed:
+                    while not self._can_take_slot():
+                        complete_oldest()
+                    slot = self._take_slot()
+                    staging, sources = self._segment_views(op, slot.buffer)
+                    torch._foreach_copy_(staging, sources)
+                    buf = slot.buffer[: op.nbytes]
+                else:
+                    seg = op.segments[0]
+                    flat = self.flat[seg.index]
+                    if flat is None:
+                        flat = self._whole_bytes(seg.index, fill=True)
+                        if self._is_last_chunk(op):
+                            self._whole.pop(seg.index)
+                    buf = flat[seg.start : seg.start + seg.length]
+                inflight.append((self._post(True, buf, i), i, slot))
+                while len(inflight) >= MAX_INFLIGHT:
+                    complete_oldest()
+            while inflight:
+                complete_oldest()
+        return sent
+
+
+class Receiver(_Executor):
+    def run(self, start_op: int = 0) -> int:
+        """Receive ops ``start_op..`` into the tensors; returns how many ops completed in total (for resume).
+
+        On failure raises :class:`TransferError` whose ``completed_ops`` says how many leading ops are in place.
+        """
+        ops = self.plan.ops
+        inflight: deque[tuple[object, int, _Slot | None, torch.Tensor | None]] = deque()
+        next_post = start_op
+        done = start_op
+        assembling: dict[int, int] = {}  # non-contiguous direct tensor -> index of its first chunk's op
+
+        try:
+            with _side_stream(self.device), torch.no_grad():
+                while True:
+                    while next_post < len(ops) and len(inflight) < MAX_INFLIGHT:
+                        op = ops[next_post]
+                        if op.packed and not self._can_take_slot():
+                            break
+                        self._check_cancel()
+                        slot, whole = None, None
+                        if op.packed:
+                            slot = self._take_slot()
+                            buf = slot.buffer[: op.nbytes]
+                        else:
+                            seg = op.segments[0]
+                            flat = self.flat[seg.index]
+                            if flat is None:
+                                flat = whole = self._whole_bytes(seg.index, fill=False)
+                                assembling.setdefault(seg.index, next_post)
+                            buf = flat[seg.start : seg.start + seg.length]
+                        work = self._post(False, buf, next_post)
+                        inflight.append((work, next_post, slot, whole))
+                        next_post += 1
+                    if not inflight:
+                        break
+                    work, i, slot, whole = inflight.popleft()
+                    self._wait(work, i)
+                    op = ops[i]
+                    if slot is not None:
+                        staging, targets = self._segment_views(op, slot.buffer)
+                        torch._foreach_copy_(targets, staging)
+                        self._free.append(slot)
+                    elif whole is not None and self._is_last_chunk(op):
+                        seg = op.segments[0]
+                        tensor = self.tensors[seg.index]
+                        tensor.copy_(self._whole.pop(seg.index).view(tensor.dtype).view(tensor.shape))
+                        assembling.pop(seg.index, None)
+                    done = i + 1
+                    if self.on_op:
+                        self.on_op(i, op.nbytes)
+                    self._check_cancel()
+        except TransferError as exc:
+            # ops before ``done`` are in place, except chunks of a non-contiguous tensor still being assembled
+            exc.completed_ops = min([done, *assembling.values()])  # type: ignore[attr-defined]
+            raise
+        return done

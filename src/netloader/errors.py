@@ -1,0 +1,71 @@
+"""One exception tree: every error a caller should catch is a :class:`NetloaderError`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class NetloaderError(Exception):
+    """Base of every error netloader raises on purpose."""
+
+
+class ConfigError(NetloaderError, ValueError):
+    """An argument or configuration value is invalid (raised before anything touches the network)."""
+
+
+class ProtocolError(NetloaderError):
+    """A peer sent something that is not a valid netloader message (bad frame, bad field, wrong version)."""
+
+
+class ConnectError(NetloaderError):
+    """The source could not be reached (refused, unreachable, or it did not answer in time)."""
+
+
+class BusyError(NetloaderError):
+    """The source is already running as many transfers as it allows; try the next source."""
+
+
+class AuthenticationError(NetloaderError):
+    """Token authentication failed, in either direction."""
+
+
+class MismatchError(NetloaderError):
+    """The client and the source do not hold the same thing; nothing was transferred."""
+
+
+class IdentityMismatchError(MismatchError):
+    """``model_id``, ``rank``, ``layout`` or data-plane backend differ."""
+
+
+class ManifestMismatchError(MismatchError):
+    """The ordered per-tensor manifests (name, shape, dtype) differ."""
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences: list[str] = differences or []
+
+
+class TransferError(NetloaderError):
+    """The weight transfer started but did not complete; the target may be partly written.
+
+    ``completed_ops`` counts the leading messages of the plan that are fully in place (for a resumed load).
+    """
+
+    completed_ops: int = 0
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """A step of the transfer made no progress within the timeout."""
+
+
+class NoSourceError(NetloaderError):
+    """Every source failed. ``failures`` maps each source address to the error it gave."""
+
+    def __init__(self, failures: Mapping[str, BaseException]) -> None:
+        self.failures: dict[str, BaseException] = dict(failures)
+        if self.failures:
+            lines = [f"  {src}: {type(err).__name__}: {err}" for src, err in self.failures.items()]
+            message = "no source could serve the weights:\n" + "\n".join(lines)
+        else:
+            message = "no source given"
+        super().__init__(message)

@@ -1,0 +1,105 @@
+"""Transfer plan: which bytes travel in which message, computed from a manifest alone.
+
+Both sides compute the same plan from the same manifest and :class:`PlanParams`, so nothing about the plan
+crosses the wire except the parameters. The plan knows nothing about sockets or devices; the data plane
+executes it (the split torch.distributed.checkpoint makes between a plan and the storage that runs it).
+
+- A tensor of at least ``direct_threshold`` bytes travels *direct*: its bytes go straight from the source
+  tensor into the destination tensor, in chunks of at most ``chunk_size`` bytes.
+- Smaller tensors are *packed*, in manifest order, into messages of at most ``bucket_size`` bytes.
+- Tensors of zero bytes (0-size) need no message at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .manifest import Manifest
+
+MiB = 1 << 20
+DEFAULT_BUCKET_SIZE = 32 * MiB
+DEFAULT_DIRECT_THRESHOLD = 1 * MiB
+DEFAULT_CHUNK_SIZE = 256 * MiB
+MIN_BUCKET_SIZE = 64 * 1024
+MAX_BUCKET_SIZE = 4096 * MiB
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    direct_threshold: int = DEFAULT_DIRECT_THRESHOLD
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("bucket_size", "direct_threshold", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+        if not MIN_BUCKET_SIZE <= self.bucket_size <= MAX_BUCKET_SIZE:
+            raise ConfigError(f"bucket_size must be within [{MIN_BUCKET_SIZE}, {MAX_BUCKET_SIZE}] bytes")
+        if not 1 <= self.direct_threshold <= self.bucket_size:
+            raise ConfigError("direct_threshold must be within [1, bucket_size]")
+        if not MIN_BUCKET_SIZE <= self.chunk_size <= MAX_BUCKET_SIZE:
+            raise ConfigError(f"chunk_size must be within [{MIN_BUCKET_SIZE}, {MAX_BUCKET_SIZE}] bytes")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` bytes of moving tensor ``index`` starting at byte ``start``, at byte ``offset`` of the message."""
+
+    index: int
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One message. ``packed`` messages go through a staging buffer; direct ones hold one segment."""
+
+    nbytes: int
+    segments: tuple[Segment, ...]
+    packed: bool
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    params: PlanParams
+    ops: tuple[Op, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(op.nbytes for op in self.ops)
+
+    def bytes_before(self, op_index: int) -> int:
+        return sum(op.nbytes for op in self.ops[:op_index])
+
+
+def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferPlan:
+    params = params or PlanParams()
+    ops: list[Op] = []
+    bucket: list[Segment] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal bucket, filled
+        if bucket:
+            ops.append(Op(filled, tuple(bucket), packed=True))
+        bucket, filled = [], 0
+
+    for index, spec in enumerate(manifest.moving):
+        size = spec.nbytes
+        if size == 0:
+            continue
+        if size >= params.direct_threshold:
+            for start in range(0, size, params.chunk_size):
+                length = min(params.chunk_size, size - start)
+                ops.append(Op(length, (Segment(index, start, length, 0),), packed=False))
+            continue
+        if filled + size > params.bucket_size:
+            flush()
+        bucket.append(Segment(index, 0, size, filled))
+        filled += size
+    flush()
+    return TransferPlan(params, tuple(ops))

@@ -1,0 +1,305 @@
+"""Wire protocol of the control plane: length-prefixed JSON frames over TCP, strict messages, HMAC auth.
+
+Frame: a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding one object with a ``type``.
+Every read has a size cap and a whole-message deadline; every message is validated field by field with
+pydantic (unknown fields, wrong types and out-of-range values are refused). Nothing is unpickled or evaluated.
+
+Conversation (S = source, C = client)::
+
+    S: hello{proto, nonce, auth}        C: auth{proto, nonce, mac}        S: auth_ok{mac} | error
+    C: probe                            S: info
+    C: load{identity, backend, ...}     S: manifest{tensors, params} | error{busy|mismatch|...}
+    C: ready | abort                    S: rendezvous{store_port, group}
+    ... torch.distributed data plane ...
+    C: done{ok, bytes}
+
+The MACs are HMAC-SHA256 over both nonces with a role label, so each side proves it knows the token without
+sending it, and a recorded exchange cannot be replayed against a fresh nonce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import socket
+import struct
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import ConfigError, ProtocolError
+
+PROTOCOL_VERSION = 1
+#: frames a peer may send before it has authenticated
+PREAUTH_MAX_FRAME = 4 * 1024
+#: frames after authentication (a manifest of ~1M tensors fits)
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+ShortStr = Annotated[str, Field(max_length=1024)]
+LongStr = Annotated[str, Field(max_length=16384)]
+NonNeg = Annotated[int, Field(ge=0, le=2**62)]
+Layout = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")], int | Annotated[str, Field(max_length=256)]],
+    Field(max_length=64),
+]
+TensorRow = tuple[
+    Annotated[str, Field(min_length=1, max_length=1024)],
+    Annotated[list[NonNeg], Field(max_length=32)],
+    Annotated[str, Field(max_length=32)],
+    Annotated[str, Field(max_length=1024)] | None,
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    proto: NonNeg
+    server: ShortStr
+    nonce: Hex64
+    auth: bool
+
+
+class Auth(_Message):
+    type: Literal["auth"] = "auth"
+    proto: NonNeg
+    nonce: Hex64
+    mac: Hex64 | None
+
+
+class AuthOk(_Message):
+    type: Literal["auth_ok"] = "auth_ok"
+    mac: Hex64 | None
+
+
+class Probe(_Message):
+    type: Literal["probe"] = "probe"
+
+
+class Info(_Message):
+    type: Literal["info"] = "info"
+    version: ShortStr
+    proto: NonNeg
+    model_id: ShortStr
+    rank: NonNeg
+    layout: Layout
+    backend: ShortStr
+    device: ShortStr
+    tensors: NonNeg
+    bytes: NonNeg
+    active_transfers: NonNeg
+    max_concurrent: NonNeg
+    transfers_served: NonNeg
+
+
+class Load(_Message):
+    type: Literal["load"] = "load"
+    model_id: ShortStr
+    rank: NonNeg
+    layout: Layout
+    backend: ShortStr
+    bucket_size: NonNeg | None = None
+
+
+class PlanWire(_Message):
+    bucket_size: NonNeg
+    direct_threshold: NonNeg
+    chunk_size: NonNeg
+
+
+class ManifestMsg(_Message):
+    type: Literal["manifest"] = "manifest"
+    tensors: Annotated[list[TensorRow], Field(max_length=4_000_000)]
+    total_bytes: NonNeg
+    plan: PlanWire
+
+
+class Ready(_Message):
+    type: Literal["ready"] = "ready"
+    start_op: NonNeg = 0
+
+
+class Abort(_Message):
+    type: Literal["abort"] = "abort"
+    reason: LongStr
+
+
+class Rendezvous(_Message):
+    type: Literal["rendezvous"] = "rendezvous"
+    store_port: Annotated[int, Field(ge=1, le=65535)]
+    group: Hex32
+    timeout: Annotated[float, Field(gt=0, le=86400)]
+
+
+class Done(_Message):
+    type: Literal["done"] = "done"
+    ok: bool
+    bytes: NonNeg
+    message: LongStr = ""
+
+
+ErrorCode = Literal["busy", "auth", "mismatch", "protocol", "internal", "closing"]
+
+
+class Error(_Message):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: LongStr
+
+
+Message = Annotated[
+    Hello | Auth | AuthOk | Probe | Info | Load | ManifestMsg | Ready | Abort | Rendezvous | Done | Error,
+    Field(discriminator="type"),
+]
+_MESSAGE = TypeAdapter(Message)
+
+
+class PeerClosedError(ProtocolError):
+    """The peer closed the control connection."""
+
+
+class FrameTimeoutError(ProtocolError, TimeoutError):
+    """A whole message did not arrive (or could not be sent) before its deadline."""
+
+
+def encode(message: _Message) -> bytes:
+    return frame(message.model_dump_json().encode())
+
+
+def encode_trusted(payload: dict[str, Any]) -> bytes:
+    """Encode a message built from this process's own data (skips validation; the reader validates)."""
+    return frame(json.dumps(payload, separators=(",", ":")).encode())
+
+
+def frame(body: bytes) -> bytes:
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the limit of {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> _Message:
+    try:
+        return _MESSAGE.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ProtocolError(f"invalid message: {where}: {first.get('msg', exc)}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FrameTimeoutError("peer did not send a whole message in time")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n - got, 1 << 20))
+        except TimeoutError:
+            raise FrameTimeoutError("peer did not send a whole message in time") from None
+        except OSError as exc:
+            raise PeerClosedError(f"connection lost: {exc}") from None
+        if not chunk:
+            raise PeerClosedError("connection closed by peer")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def read_message(sock: socket.socket, *, timeout: float, max_size: int = MAX_FRAME) -> _Message:
+    """Read one whole frame within ``timeout`` seconds (whole-message deadline) and validate it."""
+    deadline = time.monotonic() + timeout
+    (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size, deadline))
+    if length > max_size:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_size}")
+    return decode(_recv_exact(sock, length, deadline))
+
+
+def expect(message: _Message, *types: type[_Message]) -> Any:
+    """Return ``message`` if it is one of ``types``; turn an ``error`` message or anything else into an error."""
+    if isinstance(message, types):
+        return message
+    if isinstance(message, Error):
+        raise RemoteError(message.code, message.message)
+    wanted = "/".join(t.model_fields["type"].default for t in types)
+    raise ProtocolError(f"expected {wanted}, got {message.type}")  # type: ignore[attr-defined]
+
+
+class RemoteError(ProtocolError):
+    """The peer answered with an ``error`` message; ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def send_message(sock: socket.socket, message: _Message, *, timeout: float) -> None:
+    send_frame(sock, encode(message), timeout=timeout)
+
+
+def send_frame(sock: socket.socket, data: bytes, *, timeout: float) -> None:
+    """Send an already encoded frame within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise FrameTimeoutError("peer did not accept a message in time") from None
+    except OSError as exc:
+        raise PeerClosedError(f"connection lost: {exc}") from None
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(32)
+
+
+def compute_mac(token: str, role: str, first_nonce: str, second_nonce: str) -> str:
+    msg = f"netloader/{PROTOCOL_VERSION}/{role}/{first_nonce}/{second_nonce}".encode()
+    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def client_mac(token: str, server_nonce: str, client_nonce: str) -> str:
+    return compute_mac(token, "client", server_nonce, client_nonce)
+
+
+def server_mac(token: str, server_nonce: str, client_nonce: str) -> str:
+    return compute_mac(token, "server", client_nonce, server_nonce)
+
+
+def macs_equal(expected: str, given: str | None) -> bool:
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` -> (host, port)."""
+    if not isinstance(address, str):
+        raise ConfigError(f"address must be a string 'host:port', got {address!r}")
+    host, sep, port_text = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"address {address!r} is not of the form host:port")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Control connections carry small messages (no Nagle) and should notice a vanished peer (keepalive)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)

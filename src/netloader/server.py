@@ -1,0 +1,412 @@
+"""The source: serves the weights a process holds, from background threads, while the process keeps working."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+import torch
+from torch import nn
+
+from . import __version__
+from .dataplane import SOURCE_RANK, Sender, backend_for, host_store, pair_group
+from .errors import ConfigError, IdentityMismatchError, NetloaderError
+from .manifest import Identity, LayoutValue, TensorSet
+from .plan import (
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DIRECT_THRESHOLD,
+    MIN_BUCKET_SIZE,
+    PlanParams,
+    TransferPlan,
+    make_plan,
+)
+from .protocol import (
+    PREAUTH_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Abort,
+    Auth,
+    AuthOk,
+    Done,
+    Error,
+    Hello,
+    Info,
+    Load,
+    Probe,
+    Ready,
+    Rendezvous,
+    client_mac,
+    encode_trusted,
+    expect,
+    format_address,
+    macs_equal,
+    new_nonce,
+    read_message,
+    send_frame,
+    send_message,
+    server_mac,
+    tune_socket,
+)
+
+logger = logging.getLogger("netloader")
+
+#: largest request a client may send (identity and layout; the manifest travels the other way)
+REQUEST_MAX_FRAME = 64 * 1024
+
+
+class WeightServer:
+    """Serve ``model``'s tensors to netloader clients.
+
+    ``model`` is an ``nn.Module`` (its parameters and buffers) or a mapping name -> tensor. The server keeps
+    references to those tensors and serves their current contents. Serving runs in daemon threads; nothing
+    that happens on the network raises into the owner. ``max_concurrent`` transfers run at once (one more is
+    answered "busy" at once); ``max_connections`` bounds open control connections.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        *,
+        model_id: str,
+        rank: int = 0,
+        layout: Mapping[str, LayoutValue] | None = None,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        token: str | None = None,
+        max_concurrent: int = 4,
+        max_connections: int = 64,
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        direct_threshold: int = DEFAULT_DIRECT_THRESHOLD,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        timeout: float = 60.0,
+        handshake_timeout: float = 10.0,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.identity = Identity.build(model_id, rank, layout)
+        self.tensors = TensorSet(model)
+        self.backend = backend_for(self.tensors.device)
+        self.params = PlanParams(bucket_size, min(direct_threshold, bucket_size), chunk_size)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"port must be within [0, 65535], got {port!r}")
+        for name, value in (("max_concurrent", max_concurrent), ("max_connections", max_connections)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("timeout", timeout), ("handshake_timeout", handshake_timeout)):
+            if not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ConfigError("token must be a non-empty string or None")
+        self.host = host
+        self.port = port
+        self.token = token
+        self.max_concurrent = max_concurrent
+        self.max_connections = max_connections
+        self.timeout = float(timeout)
+        self.handshake_timeout = float(handshake_timeout)
+        self.advertise_host = advertise_host
+
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._active = 0
+        self._served = 0
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._closing = threading.Event()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> WeightServer:
+        """Bind and start serving in the background; returns at once."""
+        if self._listener is not None:
+            return self
+        if self.token is None:
+            logger.warning(
+                "netloader server for %r rank %d has no token: any host that reaches %s can read its weights",
+                self.identity.model_id,
+                self.identity.rank,
+                self.host,
+            )
+        listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=128)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"netloader-accept-{self.port}", daemon=True)
+        self._acceptor.start()
+        logger.info(
+            "netloader serving %r rank %d (%d tensors, %.2f GB, %s) on %s",
+            self.identity.model_id,
+            self.identity.rank,
+            len(self.tensors.tensors),
+            self.tensors.total_bytes / 1e9,
+            self.backend,
+            self.address,
+        )
+        return self
+
+    @property
+    def address(self) -> str:
+        """``host:port`` a client can use (the wildcard address is replaced by this host's address)."""
+        if self._listener is None:
+            raise NetloaderError("server not started")
+        host = self.advertise_host or self.host
+        if host in ("", "0.0.0.0", "::"):
+            host = _this_host_address()
+        return format_address(host, self.port)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting, cancel running transfers at their next message boundary, and wait for the threads."""
+        self._closing.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout)
+        with self._lock:
+            conns = list(self._connections.items())
+        for conn, _ in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for _, thread in conns:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for _, t in conns if t.is_alive()]
+        if alive:
+            logger.warning("netloader server closed with %d transfer thread(s) still finishing", len(alive))
+
+    def __enter__(self) -> WeightServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def active_transfers(self) -> int:
+        return self._active
+
+    @property
+    def transfers_served(self) -> int:
+        return self._served
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # ------------------------------------------------------------------ accept
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: back off rather than spin
+                continue
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    thread = threading.Thread(
+                        target=self._serve_connection, args=(conn, peer), name="netloader-conn", daemon=True
+                    )
+                    self._connections[conn] = thread
+            if full:
+                logger.debug("netloader: refusing %s, %d connections open", peer, self.max_connections)
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
+            thread.start()
+
+    # ------------------------------------------------------------------ one connection
+
+    def _serve_connection(self, conn: socket.socket, peer: tuple[object, ...]) -> None:
+        who = format_address(str(peer[0]), int(peer[1]))  # type: ignore[arg-type]
+        try:
+            tune_socket(conn)
+            self._converse(conn, who)
+        except NetloaderError as exc:
+            logger.info("netloader: connection from %s ended: %s", who, exc)
+        except Exception:  # a bug must not take the owner down; it is logged with its traceback
+            logger.exception("netloader: unexpected error serving %s", who)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            with self._lock:
+                self._connections.pop(conn, None)
+
+    def _converse(self, conn: socket.socket, who: str) -> None:
+        hs = self.handshake_timeout
+        nonce = new_nonce()
+        send_message(
+            conn,
+            Hello(proto=PROTOCOL_VERSION, server=f"netloader/{__version__}", nonce=nonce, auth=self.token is not None),
+            timeout=hs,
+        )
+        auth = expect(read_message(conn, timeout=hs, max_size=PREAUTH_MAX_FRAME), Auth)
+        if auth.proto != PROTOCOL_VERSION:
+            message = f"protocol {auth.proto} not supported; this source speaks {PROTOCOL_VERSION}"
+            self._refuse(conn, "protocol", message)
+            return
+        if self.token is not None:
+            if not macs_equal(client_mac(self.token, nonce, auth.nonce), auth.mac):
+                logger.warning("netloader: authentication from %s refused", who)
+                self._refuse(conn, "auth", "authentication refused")
+                return
+            reply = AuthOk(mac=server_mac(self.token, nonce, auth.nonce))
+        else:
+            reply = AuthOk(mac=None)
+        send_message(conn, reply, timeout=hs)
+        request = expect(read_message(conn, timeout=hs, max_size=REQUEST_MAX_FRAME), Probe, Load)
+        if isinstance(request, Probe):
+            send_message(conn, self._info(), timeout=hs)
+            return
+        if self._closing.is_set():
+            self._refuse(conn, "closing", "source is shutting down")
+            return
+        if not self._slots.acquire(blocking=False):
+            self._refuse(conn, "busy", f"source is running {self.max_concurrent} transfers")
+            return
+        with self._lock:
+            self._active += 1
+        try:
+            self._transfer(conn, who, request)
+        finally:
+            with self._lock:
+                self._active -= 1
+            self._slots.release()
+
+    def _refuse(self, conn: socket.socket, code: str, message: str) -> None:
+        with contextlib.suppress(NetloaderError):
+            send_message(conn, Error(code=code, message=message), timeout=self.handshake_timeout)  # type: ignore[arg-type]
+
+    def _plan_for(self, bucket_size: int | None) -> tuple[TransferPlan, bytes]:
+        """The plan (and its encoded manifest message) for a client's bucket size, capped at the server's."""
+        size = self.params.bucket_size
+        if bucket_size is not None:
+            size = max(MIN_BUCKET_SIZE, min(bucket_size, size))
+        params = PlanParams(size, min(self.params.direct_threshold, size), self.params.chunk_size)
+        with self._lock:
+            cached = self._plans.get(params)
+        if cached is None:
+            manifest = self.tensors.manifest
+            frame = encode_trusted(
+                {
+                    "type": "manifest",
+                    "tensors": manifest.to_wire(),
+                    "total_bytes": manifest.total_bytes,
+                    "plan": {
+                        "bucket_size": params.bucket_size,
+                        "direct_threshold": params.direct_threshold,
+                        "chunk_size": params.chunk_size,
+                    },
+                }
+            )
+            cached = (make_plan(manifest, params), frame)
+            with self._lock:
+                self._plans[params] = cached
+        return cached
+
+    def _transfer(self, conn: socket.socket, who: str, request: Load) -> None:
+        try:
+            Identity.build(request.model_id, request.rank, request.layout).check_matches(self.identity)
+            if request.backend != self.backend:
+                raise IdentityMismatchError(
+                    f"backend mismatch: client uses {request.backend}, source uses {self.backend}"
+                )
+        except (IdentityMismatchError, ConfigError) as exc:
+            self._refuse(conn, "mismatch", str(exc))
+            logger.info("netloader: refused %s: %s", who, exc)
+            return
+        plan, frame = self._plan_for(request.bucket_size)
+        send_frame(conn, frame, timeout=self.timeout)
+        answer = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Ready, Abort)
+        if isinstance(answer, Abort):
+            logger.info("netloader: %s aborted before the transfer: %s", who, answer.reason)
+            return
+        if answer.start_op > len(plan.ops):
+            self._refuse(conn, "protocol", f"start_op {answer.start_op} beyond the plan's {len(plan.ops)} messages")
+            return
+        local_host = conn.getsockname()[0]
+        group_name = secrets.token_hex(16)
+        started = time.perf_counter()
+        sent = 0
+        store = host_store(local_host, self.timeout)
+        group = None
+        try:
+            send_message(
+                conn,
+                Rendezvous(store_port=store.port, group=group_name, timeout=self.timeout),
+                timeout=self.handshake_timeout,
+            )
+            if answer.start_op < len(plan.ops):
+                group = pair_group(
+                    self.backend,
+                    store,
+                    group_name,
+                    SOURCE_RANK,
+                    local_host=local_host,
+                    device=self.tensors.device,
+                    timeout=self.timeout,
+                )
+                sent = Sender(plan, self.tensors.tensors, group, device=self.tensors.device, cancel=self._closing).run(
+                    answer.start_op
+                )
+            done = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Done)
+        finally:
+            # dropping the last references tears the group down (its sockets close) and stops the store
+            group = None
+            store = None
+        seconds = time.perf_counter() - started
+        if not done.ok:
+            logger.warning("netloader: %s reported a failed load after %.2f s: %s", who, seconds, done.message)
+            return
+        with self._lock:
+            self._served += 1
+        logger.info(
+            "netloader: served %.3f GB to %s in %.2f s (%.2f GB/s), %r rank %d%s",
+            sent / 1e9,
+            who,
+            seconds,
+            sent / 1e9 / max(seconds, 1e-9),
+            self.identity.model_id,
+            self.identity.rank,
+            f", resumed at message {answer.start_op}" if answer.start_op else "",
+        )
+
+    def _info(self) -> Info:
+        return Info(
+            version=__version__,
+            proto=PROTOCOL_VERSION,
+            model_id=self.identity.model_id,
+            rank=self.identity.rank,
+            layout=dict(self.identity.layout),
+            backend=self.backend,
+            device=str(self.tensors.device),
+            tensors=len(self.tensors.manifest),
+            bytes=self.tensors.total_bytes,
+            active_transfers=self._active,
+            max_concurrent=self.max_concurrent,
+            transfers_served=self._served,
+        )
+
+
+def _this_host_address() -> str:
+    """An address of this host that other hosts can use, without sending any packet."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+    return addr
