@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import sys
 import time
@@ -52,6 +51,7 @@ from .protocol import (
     macs_equal,
     new_nonce,
     parse_address,
+    peer_closed,
     read_message,
     send_message,
     server_mac,
@@ -120,12 +120,15 @@ def load_weights(
     """
     if isinstance(sources, str):
         sources = [sources]
+    for source in sources:
+        parse_address(source)  # a malformed address is the caller's error, not a source's
     identity = Identity.build(model_id, rank, layout)
     if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
         raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if bucket_size is not None:
         PlanParams(bucket_size, 1)  # validates the range
     target = TensorSet(model)
+    backend = backend_for(target.device)
     show = sys.stderr.isatty() if progress is None else progress
     failures: dict[str, BaseException] = {}
     resume: _Resume | None = None
@@ -135,6 +138,7 @@ def load_weights(
                 source,
                 target,
                 identity,
+                backend=backend,
                 token=token,
                 timeout=float(timeout),
                 progress=show,
@@ -218,6 +222,7 @@ def _load_from(
     target: TensorSet,
     identity: Identity,
     *,
+    backend: str,
     token: str | None,
     timeout: float,
     progress: bool,
@@ -227,7 +232,6 @@ def _load_from(
     failures: dict[str, BaseException],
 ) -> LoadReport:
     started = time.perf_counter()
-    backend = backend_for(target.device)
     host, _ = parse_address(source)
     with _connect(source, token, timeout) as conn:
         wanted_bucket = resume.params.bucket_size if resume else bucket_size
@@ -265,22 +269,20 @@ def _load_from(
         except ProtocolError as exc:
             raise _classify(exc, "rendezvous") from None
 
-        total = plan.total_bytes - plan.bytes_before(start_op)
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"netloader {source}",
-            disable=not progress,
-            leave=False,
+        total = plan.payload_from(start_op)
+        # tqdm starts a process-wide monitor thread for every bar, shown or not: make one only when shown
+        bar = (
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"netloader {source}", leave=False)
+            if progress
+            else None
         )
         received = 0
 
         def advance(_op: int, nbytes: int) -> None:
             nonlocal received
             received += nbytes
-            bar.update(nbytes)
+            if bar is not None:
+                bar.update(nbytes)
             if on_progress is not None:
                 on_progress(received, total)
 
@@ -313,7 +315,8 @@ def _load_from(
             err.plan_params = params  # type: ignore[attr-defined]
             raise err from exc
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             group = None  # tears the group down
         t_data = time.perf_counter()
         with contextlib.suppress(NetloaderError):
@@ -343,12 +346,7 @@ def _control_check(conn: socket.socket) -> Callable[[], None]:
     """Between messages: if the source closed the control connection, stop now instead of at the timeout."""
 
     def check() -> None:
-        try:
-            readable, _, _ = select.select([conn], [], [], 0)
-            closed = bool(readable) and not conn.recv(1, socket.MSG_PEEK)
-        except (OSError, ValueError):
-            closed = True
-        if closed:
+        if peer_closed(conn):
             raise TransferError("the source closed its control connection")
 
     return check

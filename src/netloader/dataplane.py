@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed import PrefixStore, TCPStore
@@ -123,6 +124,87 @@ class _Slot:
     buffer: torch.Tensor
 
 
+class _Waiter:
+    """Waits on posted messages, in order, on a thread of its own.
+
+    A gloo wait cannot be interrupted from outside, and gloo does not wake an unbound send or receive whose
+    bytes are part-way through the socket when the peer dies (``Pair::signalException`` skips them): such a
+    wait lasts until the group's timeout. So the transfer thread never blocks in gloo: it waits here in short
+    slices and runs ``check`` (peer still there? transfer cancelled?) in between, giving up at once when the
+    peer is gone. A wait caught by that gloo bug then ends by itself at the timeout; by then the peer's
+    socket is closed, so nothing more is written into the buffers it held.
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._works: deque[tuple[object, int]] = deque()
+        self._submitted = 0
+        self._completed = 0
+        self._error: TransferError | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="netloader-wait", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: object, index: int) -> int:
+        """Queue ``work``; returns the ticket to pass to :meth:`wait_for`."""
+        with self._cv:
+            self._works.append((work, index))
+            self._submitted += 1
+            self._cv.notify_all()
+            return self._submitted
+
+    def wait_for(self, ticket: int, check: Callable[[], None]) -> None:
+        while True:
+            with self._cv:
+                if self._completed >= ticket:
+                    return
+                if self._error is not None:
+                    raise self._error
+                self._cv.wait(self.POLL_SECONDS)
+                if self._completed >= ticket:
+                    return
+                if self._error is not None:
+                    raise self._error
+            check()
+
+    def close(self, *, join: bool) -> None:
+        """Stop after the current wait; ``join`` only when nothing can be stuck (a completed transfer)."""
+        with self._cv:
+            self._closed = True
+            self._works.clear()
+            self._cv.notify_all()
+        if join:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._works and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                work, index = self._works.popleft()
+            try:
+                work.wait()  # type: ignore[attr-defined]
+            except Exception as exc:
+                with self._cv:
+                    self._error = _transfer_error(exc, index)
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._completed += 1
+                self._cv.notify_all()
+
+
+def _transfer_error(exc: BaseException, index: int) -> TransferError:
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return TransferTimeoutError(f"message {index} made no progress in time: {_short(text)}")
+    return TransferError(f"message {index} failed: {_short(text)}")
+
+
 class _Executor:
     """What sender and receiver share: the bound tensors, staging buffers and the in-flight window."""
 
@@ -150,6 +232,7 @@ class _Executor:
         self._slots: list[_Slot] = []
         self._free: deque[_Slot] = deque()
         self._whole: dict[int, torch.Tensor] = {}  # contiguous stand-ins for non-contiguous direct tensors
+        self._waiter: _Waiter | None = None
 
     def _take_slot(self) -> _Slot:
         if self._free:
@@ -170,10 +253,11 @@ class _Executor:
 
     def _segment_views(self, op: Op, buffer: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(views into the staging buffer, matching local tensors) for a packed op."""
-        pieces = buffer[: op.nbytes].split([s.length for s in op.segments])
+        pieces = buffer[: op.nbytes].split(op.split)
         mine: list[torch.Tensor] = []
         theirs: list[torch.Tensor] = []
-        for seg, piece in zip(op.segments, pieces, strict=True):
+        for seg, at in zip(op.segments, op.pick, strict=True):
+            piece = pieces[at]
             flat = self.flat[seg.index]
             if flat is not None:
                 mine.append(flat)
@@ -198,23 +282,30 @@ class _Executor:
         seg = op.segments[0]
         return seg.start + seg.length == self.tensors[seg.index].numel() * self.tensors[seg.index].element_size()
 
-    def _post(self, send: bool, buf: torch.Tensor, index: int) -> object:
-        """Post one message (tag = its index in the plan) and return its work handle."""
+    def _post(self, send: bool, buf: torch.Tensor, index: int) -> int:
+        """Post one message (tag = its index in the plan); returns the ticket :meth:`_wait` takes."""
         try:
-            if send:
-                return self.group.send([buf], CLIENT_RANK, index)  # type: ignore[attr-defined]
-            return self.group.recv([buf], SOURCE_RANK, index)  # type: ignore[attr-defined]
+            group: Any = self.group
+            work = group.send([buf], CLIENT_RANK, index) if send else group.recv([buf], SOURCE_RANK, index)
         except Exception as exc:
             raise TransferError(f"message {index} could not be posted: {_short(str(exc))}") from None
+        if self._waiter is None:
+            self._waiter = _Waiter()
+        return self._waiter.submit(work, index)
 
-    def _wait(self, work: object, index: int) -> None:
+    def _wait(self, ticket: int) -> None:
+        assert self._waiter is not None
+        self._waiter.wait_for(ticket, self._check_cancel)
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        ok = False
         try:
-            work.wait()  # type: ignore[attr-defined]
-        except Exception as exc:
-            text = str(exc)
-            if "Timed out" in text or "timed out" in text or "Timeout" in text:
-                raise TransferTimeoutError(f"message {index} made no progress in time: {_short(text)}") from None
-            raise TransferError(f"message {index} failed: {_short(text)}") from None
+            yield
+            ok = True
+        finally:
+            if self._waiter is not None:
+                self._waiter.close(join=ok)
 
 
 def _short(text: str) -> str:
@@ -224,21 +315,21 @@ def _short(text: str) -> str:
 
 class Sender(_Executor):
     def run(self, start_op: int = 0) -> int:
-        """Send ops ``start_op..`` in order; returns the bytes sent."""
-        inflight: deque[tuple[object, int, _Slot | None]] = deque()
+        """Send ops ``start_op..`` in order; returns the tensor bytes sent."""
+        inflight: deque[tuple[int, int, _Slot | None]] = deque()
         sent = 0
 
         def complete_oldest() -> None:
             nonlocal sent
-            work, i, slot = inflight.popleft()
-            self._wait(work, i)
+            ticket, i, slot = inflight.popleft()
+            self._wait(ticket)
             if slot is not None:
                 self._free.append(slot)
-            sent += self.plan.ops[i].nbytes
+            sent += self.plan.ops[i].payload
             if self.on_op:
-                self.on_op(i, self.plan.ops[i].nbytes)
+                self.on_op(i, self.plan.ops[i].payload)
 
-        with _side_stream(self.device), torch.no_grad():
+        with self._waiting(), _side_stream(self.device), torch.no_grad():
             for i in range(start_op, len(self.plan.ops)):
                 self._check_cancel()
                 op = self.plan.ops[i]
@@ -273,13 +364,13 @@ class Receiver(_Executor):
         On failure raises :class:`TransferError` whose ``completed_ops`` says how many leading ops are in place.
         """
         ops = self.plan.ops
-        inflight: deque[tuple[object, int, _Slot | None, torch.Tensor | None]] = deque()
+        inflight: deque[tuple[int, int, _Slot | None, torch.Tensor | None]] = deque()
         next_post = start_op
         done = start_op
         assembling: dict[int, int] = {}  # non-contiguous direct tensor -> index of its first chunk's op
 
         try:
-            with _side_stream(self.device), torch.no_grad():
+            with self._waiting(), _side_stream(self.device), torch.no_grad():
                 while True:
                     while next_post < len(ops) and len(inflight) < MAX_INFLIGHT:
                         op = ops[next_post]
@@ -297,13 +388,12 @@ class Receiver(_Executor):
                                 flat = whole = self._whole_bytes(seg.index, fill=False)
                                 assembling.setdefault(seg.index, next_post)
                             buf = flat[seg.start : seg.start + seg.length]
-                        work = self._post(False, buf, next_post)
-                        inflight.append((work, next_post, slot, whole))
+                        inflight.append((self._post(False, buf, next_post), next_post, slot, whole))
                         next_post += 1
                     if not inflight:
                         break
-                    work, i, slot, whole = inflight.popleft()
-                    self._wait(work, i)
+                    ticket, i, slot, whole = inflight.popleft()
+                    self._wait(ticket)
                     op = ops[i]
                     if slot is not None:
                         staging, targets = self._segment_views(op, slot.buffer)
@@ -316,7 +406,7 @@ class Receiver(_Executor):
                         assembling.pop(seg.index, None)
                     done = i + 1
                     if self.on_op:
-                        self.on_op(i, op.nbytes)
+                        self.on_op(i, op.payload)
                     self._check_cancel()
         except TransferError as exc:
             # ops before ``done`` are in place, except chunks of a non-contiguous tensor still being assembled

@@ -61,8 +61,11 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ConfigError(f"dtype {dtype} is not supported by netloader") from None
 
 
+_ELEMENT_SIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+
 def element_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return _ELEMENT_SIZE[dtype]
 
 
 @dataclass(frozen=True)

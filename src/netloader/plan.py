@@ -6,7 +6,8 @@ executes it (the split torch.distributed.checkpoint makes between a plan and the
 
 - A tensor of at least ``direct_threshold`` bytes travels *direct*: its bytes go straight from the source
   tensor into the destination tensor, in chunks of at most ``chunk_size`` bytes.
-- Smaller tensors are *packed*, in manifest order, into messages of at most ``bucket_size`` bytes.
+- Smaller tensors are *packed*, in manifest order, into messages of at most ``bucket_size`` bytes, each at
+  an offset aligned to its element size.
 - Tensors of zero bytes (0-size) need no message at all.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .manifest import Manifest
+from .manifest import Manifest, element_size
 
 MiB = 1 << 20
 DEFAULT_BUCKET_SIZE = 32 * MiB
@@ -56,11 +57,22 @@ class Segment:
 
 @dataclass(frozen=True)
 class Op:
-    """One message. ``packed`` messages go through a staging buffer; direct ones hold one segment."""
+    """One message. ``packed`` messages go through a staging buffer; direct ones hold one segment.
+
+    ``split`` cuts the message into consecutive pieces (segments and the alignment gaps between them) and
+    ``pick`` says which piece holds each segment, so an executor can slice a buffer in one call.
+    """
 
     nbytes: int
     segments: tuple[Segment, ...]
     packed: bool
+    split: tuple[int, ...] = ()
+    pick: tuple[int, ...] = ()
+
+    @property
+    def payload(self) -> int:
+        """Tensor bytes carried (``nbytes`` less alignment gaps)."""
+        return sum(s.length for s in self.segments)
 
 
 @dataclass(frozen=True)
@@ -68,12 +80,9 @@ class TransferPlan:
     params: PlanParams
     ops: tuple[Op, ...]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(op.nbytes for op in self.ops)
-
-    def bytes_before(self, op_index: int) -> int:
-        return sum(op.nbytes for op in self.ops[:op_index])
+    def payload_from(self, op_index: int = 0) -> int:
+        """Tensor bytes carried by ops ``op_index..`` (all of them by default)."""
+        return sum(op.payload for op in self.ops[op_index:])
 
 
 def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferPlan:
@@ -85,7 +94,16 @@ def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferP
     def flush() -> None:
         nonlocal bucket, filled
         if bucket:
-            ops.append(Op(filled, tuple(bucket), packed=True))
+            split: list[int] = []
+            pick: list[int] = []
+            end = 0
+            for seg in bucket:
+                if seg.offset > end:
+                    split.append(seg.offset - end)
+                pick.append(len(split))
+                split.append(seg.length)
+                end = seg.offset + seg.length
+            ops.append(Op(filled, tuple(bucket), packed=True, split=tuple(split), pick=tuple(pick)))
         bucket, filled = [], 0
 
     for index, spec in enumerate(manifest.moving):
@@ -97,9 +115,12 @@ def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferP
                 length = min(params.chunk_size, size - start)
                 ops.append(Op(length, (Segment(index, start, length, 0),), packed=False))
             continue
-        if filled + size > params.bucket_size:
+        align = element_size(spec.dtype)  # typed views of packed bytes need aligned offsets
+        offset = -(-filled // align) * align
+        if offset + size > params.bucket_size:
             flush()
-        bucket.append(Segment(index, 0, size, filled))
-        filled += size
+            offset = 0
+        bucket.append(Segment(index, 0, size, offset))
+        filled = offset + size
     flush()
     return TransferPlan(params, tuple(ops))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import __version__
 from .dataplane import SOURCE_RANK, Sender, backend_for, host_store, pair_group
-from .errors import ConfigError, IdentityMismatchError, NetloaderError
+from .errors import ConfigError, IdentityMismatchError, NetloaderError, TransferError
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import (
     DEFAULT_BUCKET_SIZE,
@@ -47,6 +48,7 @@ from .protocol import (
     format_address,
     macs_equal,
     new_nonce,
+    peer_closed,
     read_message,
     send_frame,
     send_message,
@@ -361,9 +363,14 @@ class WeightServer:
                     device=self.tensors.device,
                     timeout=self.timeout,
                 )
-                sent = Sender(plan, self.tensors.tensors, group, device=self.tensors.device, cancel=self._closing).run(
-                    answer.start_op
-                )
+                sent = Sender(
+                    plan,
+                    self.tensors.tensors,
+                    group,
+                    device=self.tensors.device,
+                    cancel=self._closing,
+                    check=functools.partial(_check_client, conn),
+                ).run(answer.start_op)
             done = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Done)
         finally:
             # dropping the last references tears the group down (its sockets close) and stops the store
@@ -401,6 +408,11 @@ class WeightServer:
             max_concurrent=self.max_concurrent,
             transfers_served=self._served,
         )
+
+
+def _check_client(conn: socket.socket) -> None:
+    if peer_closed(conn):
+        raise TransferError("the client closed its control connection")
 
 
 def _this_host_address() -> str:

@@ -1,0 +1,218 @@
+"""Hostile and malformed input never stops a source, leaks nothing, and the next load is bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+import netloader
+import rawpeer
+from models import build, named
+from netloader import protocol as P
+from netloader.synthetic import bytes_equal
+
+
+def _load_is_bit_exact(address: str, seed: int, **kwargs: object) -> None:
+    model = build("mixed", None)
+    netloader.load_weights(model, [address], model_id="test-model", **kwargs)  # type: ignore[arg-type]
+    expected = named(build("mixed", seed))
+    assert all(bytes_equal(t, expected[n]) for n, t in named(model).items())
+
+
+def _closed_without_answer(data: bytes) -> bool:
+    """The server sent its hello (a valid frame) and nothing else a client could act on."""
+    length = int.from_bytes(data[:4], "big")
+    return len(data) == 4 + length and isinstance(P.decode(data[4:]), P.Hello)
+
+
+PRE_AUTH_GARBAGE = {
+    "random-bytes": os.urandom(4096),
+    "huge-length-prefix": b"\xff\xff\xff\xff" + b"x" * 100,
+    "http-request": b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\n\r\n",
+    "deeply-nested-json": (lambda body: len(body).to_bytes(4, "big") + body)(b"[" * 2000 + b"]" * 2000),
+    "not-json": (lambda body: len(body).to_bytes(4, "big") + body)(b"\x00\x01not json at all"),
+    "unknown-type": (lambda body: len(body).to_bytes(4, "big") + body)(b'{"type": "shell", "cmd": "rm -rf /"}'),
+    "extra-field": (lambda body: len(body).to_bytes(4, "big") + body)(
+        json.dumps({"type": "auth", "proto": 1, "nonce": "a" * 64, "mac": None, "x": 1}).encode()),
+    "wrong-type": (lambda body: len(body).to_bytes(4, "big") + body)(
+        json.dumps({"type": "auth", "proto": "1", "nonce": "a" * 64, "mac": None}).encode()),
+    "bad-nonce": (lambda body: len(body).to_bytes(4, "big") + body)(
+        json.dumps({"type": "auth", "proto": 1, "nonce": "zz", "mac": None}).encode()),
+    "pickle": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",
+}
+
+
+@pytest.fixture
+def hostile_source(source):
+    src = source("mixed", seed=8, handshake_timeout=2.0, max_connections=64, token="tok")
+    # the first transfer creates process-wide gloo/libuv state (2 fds) once; leak checks start after it
+    _load_is_bit_exact(src.address, 8, token="tok")
+    return src
+
+
+def test_repeated_loads_leak_no_thread_or_fd(hostile_source):
+    baseline = hostile_source.stats()
+    for _ in range(3):
+        _load_is_bit_exact(hostile_source.address, 8, token="tok")
+    after = hostile_source.settled_stats(baseline)
+    assert (after["threads"], after["fds"], after["connections"]) == (
+        baseline["threads"], baseline["fds"], 0), (baseline, after)
+
+
+def test_garbage_before_authentication_is_dropped(hostile_source):
+    src = hostile_source
+    baseline = src.stats()
+    for name, payload in PRE_AUTH_GARBAGE.items():
+        sock = rawpeer.connect(src.address)
+        sock.sendall(payload)
+        data, seconds = rawpeer.read_until_closed(sock)
+        sock.close()
+        assert _closed_without_answer(data) or b'"error"' in data, name
+        assert seconds < 5, name
+    _load_is_bit_exact(src.address, 8, token="tok")
+    after = src.settled_stats(baseline)
+    assert after["threads"] <= baseline["threads"] and after["fds"] <= baseline["fds"], (baseline, after)
+    assert after["connections"] == 0
+
+
+def test_malformed_requests_after_authentication_are_refused(hostile_source):
+    src = hostile_source
+    baseline = src.stats()
+    good = {"type": "load", "model_id": "test-model", "rank": 0, "layout": {}, "backend": "gloo"}
+    bad_requests = [
+        {**good, "rank": -1},
+        {**good, "rank": "0"},
+        {**good, "layout": {"bad key!": 1}},
+        {**good, "layout": {"tp": [1, 2]}},
+        {**good, "model_id": "x" * 5000},
+        {**good, "extra": True},
+        {**good, "bucket_size": 2**70},
+    ]
+    bodies = [json.dumps(r).encode() for r in bad_requests]
+    bodies.append(b'{"type": "load", "layout": ' + b"[" * 30000 + b"]" * 30000 + b"}")  # deep, under the cap
+    bodies.append(b" " * (P.MAX_FRAME + 1))  # over the cap: refused by its length alone
+    for body in bodies:
+        sock = rawpeer.authenticate(src.address, token="tok")
+        if len(body) > P.MAX_FRAME:
+            sock.sendall(len(body).to_bytes(4, "big"))
+        else:
+            rawpeer.send_frame(sock, body)
+        data, seconds = rawpeer.read_until_closed(sock)
+        sock.close()
+        assert seconds < 5
+        assert b'"type":"manifest"' not in data  # nothing served
+    _load_is_bit_exact(src.address, 8, token="tok")
+    assert src.settled_stats(baseline)["connections"] == 0
+
+
+def test_backend_mismatch_is_refused_before_the_manifest(hostile_source):
+    sock = rawpeer.authenticate(hostile_source.address, token="tok")
+    P.send_message(sock, P.Load(model_id="test-model", rank=0, layout={}, backend="nccl"), timeout=5)
+    with pytest.raises(P.RemoteError, match="backend mismatch") as info:
+        P.expect(P.read_message(sock, timeout=5), P.ManifestMsg)
+    assert info.value.code == "mismatch"
+    sock.close()
+
+
+def test_a_peer_that_trickles_bytes_is_dropped_at_the_deadline(hostile_source):
+    sock = rawpeer.connect(hostile_source.address)
+    start = time.monotonic()
+    closed = False
+    body = json.dumps({"type": "auth", "proto": 1, "nonce": "a" * 64, "mac": None}).encode()
+    frame = len(body).to_bytes(4, "big") + body
+    for byte in frame:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.25)
+        if time.monotonic() - start > 8:
+            break
+    if not closed:
+        _, _ = rawpeer.read_until_closed(sock, timeout=5)
+    elapsed = time.monotonic() - start
+    sock.close()
+    assert elapsed < 2.0 + 3.0  # handshake_timeout is a whole-message deadline, not per byte
+
+
+def test_fifty_idle_connections_do_not_block_a_load(hostile_source):
+    src = hostile_source
+    baseline = src.stats()
+    idle = [rawpeer.connect(src.address) for _ in range(50)]
+    try:
+        _load_is_bit_exact(src.address, 8, token="tok")
+    finally:
+        for sock in idle:
+            sock.close()
+    stats = src.settled_stats(baseline)
+    assert stats["connections"] == 0 and stats["threads"] <= baseline["threads"]
+
+
+def test_connections_over_the_cap_are_closed_at_once(source):
+    src = source("mixed", seed=8, max_connections=4, handshake_timeout=3.0)
+    held = [rawpeer.connect(src.address) for _ in range(4)]
+    for sock in held:  # each got its hello, so each holds a slot
+        P.expect(P.read_message(sock, timeout=5), P.Hello)
+    extra = rawpeer.connect(src.address)
+    data, seconds = rawpeer.read_until_closed(extra, timeout=5)
+    assert data == b"" and seconds < 2
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while src.stats()["connections"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _load_is_bit_exact(src.address, 8)
+
+
+def test_probe_reports_what_the_source_serves(source):
+    src = source("mixed", seed=8, rank=3, layout={"tp": 4, "pp": 2}, max_concurrent=2)
+    info = netloader.probe(src.address)
+    model = build("mixed", None)
+    tensors = named(model)
+    assert info.model_id == "test-model" and info.rank == 3 and dict(info.layout) == {"pp": 2, "tp": 4}
+    assert info.tensors == len(tensors)
+    assert info.bytes == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert info.active_transfers == 0 and info.max_concurrent == 2 and info.backend == "gloo"
+
+
+def test_busy_source_answers_at_once_and_the_client_moves_on(source):
+    busy = source("mixed", seed=8, max_concurrent=1)
+    spare = source("mixed", seed=8)
+    holder = rawpeer.authenticate(busy.address)  # takes the only transfer slot and sits on the manifest
+    P.send_message(holder, P.Load(model_id="test-model", rank=0, layout={}, backend="gloo"), timeout=5)
+    P.expect(P.read_message(holder, timeout=5), P.ManifestMsg)
+    assert netloader.probe(busy.address).active_transfers == 1
+
+    model = build("mixed", None)
+    start = time.monotonic()
+    report = netloader.load_weights(model, [busy.address, spare.address], model_id="test-model")
+    assert time.monotonic() - start < 10
+    assert report.source == spare.address
+    assert isinstance(report.failures[busy.address], netloader.BusyError)
+    expected = named(build("mixed", 8))
+    assert all(bytes_equal(t, expected[n]) for n, t in named(model).items())
+
+    holder.close()  # the slot comes back
+    deadline = time.monotonic() + 10
+    while netloader.probe(busy.address).active_transfers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _load_is_bit_exact(busy.address, 8)
+
+
+def test_close_returns_promptly_with_idle_connections_open():
+    model = build("mixed", 1)
+    server = netloader.WeightServer(model, model_id="m", host="127.0.0.1").start()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+    start = time.monotonic()
+    server.close()
+    assert time.monotonic() - start < 5
+    assert server.open_connections == 0
+    for sock in idle:
+        sock.close()
+    with pytest.raises(netloader.NoSourceError):
+        netloader.load_weights(build("mixed", None), [f"127.0.0.1:{server.port}"], model_id="m", timeout=2)
