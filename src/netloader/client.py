@@ -300,6 +300,7 @@ def _load_from(
                     local_host=conn.getsockname()[0],
                     device=target.device,
                     timeout=timeout,
+                    streams=rendezvous.streams,
                 )
                 t_group = time.perf_counter()
                 Receiver(

@@ -138,6 +138,7 @@ class Rendezvous(_Message):
     store_port: Annotated[int, Field(ge=1, le=65535)]
     group: Hex32
     timeout: Annotated[float, Field(gt=0, le=86400)]
+    streams: Annotated[int, Field(ge=1, le=8)] = 1
 
 
 class Done(_Message):

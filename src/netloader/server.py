@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .dataplane import SOURCE_RANK, Sender, backend_for, host_store, pair_group
+from .dataplane import DEFAULT_STREAMS, MAX_STREAMS, SOURCE_RANK, Sender, backend_for, host_store, pair_group
 from .errors import ConfigError, IdentityMismatchError, NetloaderError, TransferError
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import (
@@ -67,8 +67,18 @@ class WeightServer:
 
     ``model`` is an ``nn.Module`` (its parameters and buffers) or a mapping name -> tensor. The server keeps
     references to those tensors and serves their current contents. Serving runs in daemon threads; nothing
-    that happens on the network raises into the owner. ``max_concurrent`` transfers run at once (one more is
-    answered "busy" at once); ``max_connections`` bounds open control connections.
+    that happens on the network raises into the owner.
+
+    - ``model_id``, ``rank``, ``layout``: the identity a client must ask for exactly.
+    - ``host``/``port``: where to listen (port 0: a free one; :attr:`address` tells which).
+    - ``token``: shared secret for HMAC challenge-response in both directions (None: anyone may read, logged).
+    - ``max_concurrent``: transfers at once; one more is answered "busy" at once so it tries its next source.
+    - ``max_connections``: open control connections at most (more are closed on accept).
+    - ``bucket_size``/``direct_threshold``/``chunk_size``: the transfer plan (see :mod:`netloader.plan`).
+    - ``timeout``: seconds a transfer step may make no progress; ``handshake_timeout``: whole-message deadline
+      for every message before a transfer starts.
+    - ``streams``: parallel connections per transfer for gloo (tensors on CPU).
+    - ``advertise_host``: the host part of :attr:`address` when listening on a wildcard address.
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class WeightServer:
         timeout: float = 60.0,
         handshake_timeout: float = 10.0,
         advertise_host: str | None = None,
+        streams: int = DEFAULT_STREAMS,
     ) -> None:
         self.identity = Identity.build(model_id, rank, layout)
         self.tensors = TensorSet(model)
@@ -96,6 +107,9 @@ class WeightServer:
         self.params = PlanParams(bucket_size, min(direct_threshold, bucket_size), chunk_size)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be within [0, 65535], got {port!r}")
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= MAX_STREAMS:
+            raise ConfigError(f"streams must be an int within [1, {MAX_STREAMS}], got {streams!r}")
+        self.streams = streams
         for name, value in (("max_concurrent", max_concurrent), ("max_connections", max_connections)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
@@ -350,7 +364,7 @@ class WeightServer:
         try:
             send_message(
                 conn,
-                Rendezvous(store_port=store.port, group=group_name, timeout=self.timeout),
+                Rendezvous(store_port=store.port, group=group_name, timeout=self.timeout, streams=self.streams),
                 timeout=self.handshake_timeout,
             )
             if answer.start_op < len(plan.ops):
@@ -362,6 +376,7 @@ class WeightServer:
                     local_host=local_host,
                     device=self.tensors.device,
                     timeout=self.timeout,
+                    streams=self.streams,
                 )
                 sent = Sender(
                     plan,
