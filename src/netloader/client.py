@@ -255,6 +255,8 @@ def _load_from(
             params = PlanParams(offer.plan.bucket_size, offer.plan.direct_threshold, offer.plan.chunk_size)
         except ConfigError as exc:
             raise ProtocolError(f"source sent an invalid manifest: {exc}") from None
+        if wanted_bucket is not None and params.bucket_size > wanted_bucket:  # it sizes our staging memory
+            raise ProtocolError(f"source chose {params.bucket_size}-byte buckets; {wanted_bucket} were asked for")
         try:
             target.manifest.check_matches(remote)
         except NetloaderError as exc:
