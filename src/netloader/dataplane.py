@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -150,7 +151,10 @@ class _Waiter:
 
     POLL_SECONDS = 0.05
 
-    def __init__(self) -> None:
+    def __init__(self, *, blocking: bool = True) -> None:
+        #: gloo completes a message inside ``wait()``; device backends (NCCL/HCCL) only enqueue a stream wait
+        #: there, so for them completion is polled with ``is_completed()`` instead
+        self._blocking = blocking
         self._cv = threading.Condition()
         self._works: deque[tuple[object, int]] = deque()
         self._submitted = 0
@@ -200,7 +204,13 @@ class _Waiter:
                     return
                 work, index = self._works.popleft()
             try:
-                work.wait()  # type: ignore[attr-defined]
+                if self._blocking:
+                    work.wait()  # type: ignore[attr-defined]
+                else:
+                    while not work.is_completed():  # type: ignore[attr-defined]
+                        if self._closed:
+                            return
+                        time.sleep(0.0005)
             except Exception as exc:
                 with self._cv:
                     self._error = _transfer_error(exc, index)
@@ -246,6 +256,7 @@ class _Executor:
         self._free: deque[_Slot] = deque()
         self._whole: dict[int, torch.Tensor] = {}  # contiguous stand-ins for non-contiguous direct tensors
         self._waiter: _Waiter | None = None
+        self._works: dict[int, object] = {}  # message index -> its work, while in flight
 
     def _take_slot(self) -> _Slot:
         if self._free:
@@ -303,12 +314,16 @@ class _Executor:
         except Exception as exc:
             raise TransferError(f"message {index} could not be posted: {_short(str(exc))}") from None
         if self._waiter is None:
-            self._waiter = _Waiter()
+            self._waiter = _Waiter(blocking=self.device.type == "cpu")
+        self._works[index] = work
         return self._waiter.submit(work, index)
 
-    def _wait(self, ticket: int) -> None:
+    def _wait(self, ticket: int, index: int) -> None:
         assert self._waiter is not None
         self._waiter.wait_for(ticket, self._check_cancel)
+        work = self._works.pop(index)
+        if self.device.type != "cpu":
+            work.wait()  # type: ignore[attr-defined]  # orders this thread's stream after the message
 
     @contextlib.contextmanager
     def _waiting(self) -> Iterator[None]:
@@ -319,6 +334,10 @@ class _Executor:
         finally:
             if self._waiter is not None:
                 self._waiter.close(join=ok)
+            if not ok and self.device.type != "cpu":
+                with contextlib.suppress(Exception):  # NCCL/HCCL can abort in-flight work; gloo cannot
+                    self.group.abort()  # type: ignore[attr-defined]
+            self._works.clear()
 
 
 def _short(text: str) -> str:
@@ -329,13 +348,14 @@ def _short(text: str) -> str:
 class Sender(_Executor):
     def run(self, start_op: int = 0) -> int:
         """Send ops ``start_op..`` in order; returns the tensor bytes sent."""
-        inflight: deque[tuple[int, int, _Slot | None]] = deque()
+        # (ticket, message index, staging slot, the bytes being sent: held until the message completes)
+        inflight: deque[tuple[int, int, _Slot | None, torch.Tensor]] = deque()
         sent = 0
 
         def complete_oldest() -> None:
             nonlocal sent
-            ticket, i, slot = inflight.popleft()
-            self._wait(ticket)
+            ticket, i, slot, _buf = inflight.popleft()
+            self._wait(ticket, i)
             if slot is not None:
                 self._free.append(slot)
             sent += self.plan.ops[i].payload
@@ -362,7 +382,7 @@ class Sender(_Executor):
                         if self._is_last_chunk(op):
                             self._whole.pop(seg.index)
                     buf = flat[seg.start : seg.start + seg.length]
-                inflight.append((self._post(True, buf, i), i, slot))
+                inflight.append((self._post(True, buf, i), i, slot, buf))
                 while len(inflight) >= MAX_INFLIGHT:
                     complete_oldest()
             while inflight:
@@ -406,7 +426,7 @@ class Receiver(_Executor):
                     if not inflight:
                         break
                     ticket, i, slot, whole = inflight.popleft()
-                    self._wait(ticket)
+                    self._wait(ticket, i)
                     op = ops[i]
                     if slot is not None:
                         staging, targets = self._segment_views(op, slot.buffer)
