@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import sys
@@ -306,7 +307,12 @@ def _load_from(
                 )
                 t_group = time.perf_counter()
                 Receiver(
-                    plan, target.tensors, group, device=target.device, check=_control_check(conn), on_op=advance
+                    plan,
+                    target.tensors,
+                    group,
+                    device=target.device,
+                    peer_gone=functools.partial(peer_closed, conn),
+                    on_op=advance,
                 ).run(start_op)
         except TransferError as exc:
             exc.plan_params = params  # type: ignore[attr-defined]
@@ -343,13 +349,3 @@ def _load_from(
     )
     logger.info("netloader: %s", report)
     return report
-
-
-def _control_check(conn: socket.socket) -> Callable[[], None]:
-    """Between messages: if the source closed the control connection, stop now instead of at the timeout."""
-
-    def check() -> None:
-        if peer_closed(conn):
-            raise TransferError("the source closed its control connection")
-
-    return check

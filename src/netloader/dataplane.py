@@ -133,6 +133,10 @@ def _side_stream(device: torch.device) -> Iterator[None]:
         yield
 
 
+#: a posted message: the waiter's ticket and the backend's work handle
+_Pending = tuple[int, object]
+
+
 @dataclass
 class _Slot:
     buffer: torch.Tensor
@@ -173,13 +177,11 @@ class _Waiter:
             return self._submitted
 
     def wait_for(self, ticket: int, check: Callable[[], None]) -> None:
+        """Return once message ``ticket`` completed; run ``check`` every poll interval until then."""
         while True:
             with self._cv:
-                if self._completed >= ticket:
-                    return
-                if self._error is not None:
-                    raise self._error
-                self._cv.wait(self.POLL_SECONDS)
+                if self._completed < ticket and self._error is None:
+                    self._cv.wait(self.POLL_SECONDS)
                 if self._completed >= ticket:
                     return
                 if self._error is not None:
@@ -241,7 +243,7 @@ class _Executor:
         depth: int = DEFAULT_DEPTH,
         on_op: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
-        check: Callable[[], None] | None = None,
+        peer_gone: Callable[[], bool] | None = None,
     ) -> None:
         self.plan = plan
         self.tensors = list(tensors)
@@ -251,12 +253,11 @@ class _Executor:
         self.depth = max(1, depth)
         self.on_op = on_op
         self.cancel = cancel or threading.Event()
-        self.check = check
+        self.peer_gone = peer_gone
         self._slots: list[_Slot] = []
         self._free: deque[_Slot] = deque()
         self._whole: dict[int, torch.Tensor] = {}  # contiguous stand-ins for non-contiguous direct tensors
         self._waiter: _Waiter | None = None
-        self._works: dict[int, object] = {}  # message index -> its work, while in flight
 
     def _take_slot(self) -> _Slot:
         if self._free:
@@ -268,12 +269,15 @@ class _Executor:
     def _can_take_slot(self) -> bool:
         return bool(self._free) or len(self._slots) < self.depth
 
+    #: who is at the other end, for error messages
+    PEER = "peer"
+
     def _check_cancel(self) -> None:
-        """Called between messages: a cancel request or a failed ``check`` stops the transfer here."""
+        """Called between messages: a cancel request or a vanished peer stops the transfer here."""
         if self.cancel.is_set():
             raise TransferError("transfer cancelled")
-        if self.check is not None:
-            self.check()
+        if self.peer_gone is not None and self.peer_gone():
+            raise TransferError(f"the {self.PEER} closed its control connection")
 
     def _segment_views(self, op: Op, buffer: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(views into the staging buffer, matching local tensors) for a packed op."""
@@ -306,8 +310,8 @@ class _Executor:
         seg = op.segments[0]
         return seg.start + seg.length == self.tensors[seg.index].numel() * self.tensors[seg.index].element_size()
 
-    def _post(self, send: bool, buf: torch.Tensor, index: int) -> int:
-        """Post one message (tag = its index in the plan); returns the ticket :meth:`_wait` takes."""
+    def _post(self, send: bool, buf: torch.Tensor, index: int) -> _Pending:
+        """Post one message (tag = its index in the plan); returns what :meth:`_wait` takes."""
         try:
             group: Any = self.group
             work = group.send([buf], CLIENT_RANK, index) if send else group.recv([buf], SOURCE_RANK, index)
@@ -315,13 +319,12 @@ class _Executor:
             raise TransferError(f"message {index} could not be posted: {_short(str(exc))}") from None
         if self._waiter is None:
             self._waiter = _Waiter(blocking=self.device.type == "cpu")
-        self._works[index] = work
-        return self._waiter.submit(work, index)
+        return self._waiter.submit(work, index), work
 
-    def _wait(self, ticket: int, index: int) -> None:
+    def _wait(self, pending: _Pending) -> None:
+        ticket, work = pending
         assert self._waiter is not None
         self._waiter.wait_for(ticket, self._check_cancel)
-        work = self._works.pop(index)
         if self.device.type != "cpu":
             work.wait()  # type: ignore[attr-defined]  # orders this thread's stream after the message
 
@@ -337,7 +340,6 @@ class _Executor:
             if not ok and self.device.type != "cpu":
                 with contextlib.suppress(Exception):  # NCCL/HCCL can abort in-flight work; gloo cannot
                     self.group.abort()  # type: ignore[attr-defined]
-            self._works.clear()
 
 
 def _short(text: str) -> str:
@@ -346,16 +348,18 @@ def _short(text: str) -> str:
 
 
 class Sender(_Executor):
+    PEER = "client"
+
     def run(self, start_op: int = 0) -> int:
         """Send ops ``start_op..`` in order; returns the tensor bytes sent."""
-        # (ticket, message index, staging slot, the bytes being sent: held until the message completes)
-        inflight: deque[tuple[int, int, _Slot | None, torch.Tensor]] = deque()
+        # (posted message, its index, staging slot, the bytes being sent: held until the message completes)
+        inflight: deque[tuple[_Pending, int, _Slot | None, torch.Tensor]] = deque()
         sent = 0
 
         def complete_oldest() -> None:
             nonlocal sent
-            ticket, i, slot, _buf = inflight.popleft()
-            self._wait(ticket, i)
+            pending, i, slot, _buf = inflight.popleft()
+            self._wait(pending)
             if slot is not None:
                 self._free.append(slot)
             sent += self.plan.ops[i].payload
@@ -391,13 +395,15 @@ class Sender(_Executor):
 
 
 class Receiver(_Executor):
+    PEER = "source"
+
     def run(self, start_op: int = 0) -> int:
         """Receive ops ``start_op..`` into the tensors; returns how many ops completed in total (for resume).
 
         On failure raises :class:`TransferError` whose ``completed_ops`` says how many leading ops are in place.
         """
         ops = self.plan.ops
-        inflight: deque[tuple[int, int, _Slot | None, torch.Tensor | None]] = deque()
+        inflight: deque[tuple[_Pending, int, _Slot | None, torch.Tensor | None]] = deque()
         next_post = start_op
         done = start_op
         assembling: dict[int, int] = {}  # non-contiguous direct tensor -> index of its first chunk's op
@@ -425,8 +431,8 @@ class Receiver(_Executor):
                         next_post += 1
                     if not inflight:
                         break
-                    ticket, i, slot, whole = inflight.popleft()
-                    self._wait(ticket, i)
+                    pending, i, slot, whole = inflight.popleft()
+                    self._wait(pending)
                     op = ops[i]
                     if slot is not None:
                         staging, targets = self._segment_views(op, slot.buffer)

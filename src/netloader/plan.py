@@ -66,13 +66,10 @@ class Op:
     nbytes: int
     segments: tuple[Segment, ...]
     packed: bool
+    #: tensor bytes carried (``nbytes`` less alignment gaps)
+    payload: int
     split: tuple[int, ...] = ()
     pick: tuple[int, ...] = ()
-
-    @property
-    def payload(self) -> int:
-        """Tensor bytes carried (``nbytes`` less alignment gaps)."""
-        return sum(s.length for s in self.segments)
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,8 @@ def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferP
                 pick.append(len(split))
                 split.append(seg.length)
                 end = seg.offset + seg.length
-            ops.append(Op(filled, tuple(bucket), packed=True, split=tuple(split), pick=tuple(pick)))
+            payload = sum(seg.length for seg in bucket)
+            ops.append(Op(filled, tuple(bucket), packed=True, payload=payload, split=tuple(split), pick=tuple(pick)))
         bucket, filled = [], 0
 
     for index, spec in enumerate(manifest.moving):
@@ -113,7 +111,7 @@ def make_plan(manifest: Manifest, params: PlanParams | None = None) -> TransferP
         if size >= params.direct_threshold:
             for start in range(0, size, params.chunk_size):
                 length = min(params.chunk_size, size - start)
-                ops.append(Op(length, (Segment(index, start, length, 0),), packed=False))
+                ops.append(Op(length, (Segment(index, start, length, 0),), packed=False, payload=length))
             continue
         align = element_size(spec.dtype)  # typed views of packed bytes need aligned offsets
         offset = -(-filled // align) * align

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__
 from .dataplane import DEFAULT_STREAMS, MAX_STREAMS, SOURCE_RANK, Sender, backend_for, host_store, pair_group
-from .errors import ConfigError, IdentityMismatchError, NetloaderError, TransferError
+from .errors import ConfigError, IdentityMismatchError, NetloaderError
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import (
     DEFAULT_BUCKET_SIZE,
@@ -384,7 +384,7 @@ class WeightServer:
                     group,
                     device=self.tensors.device,
                     cancel=self._closing,
-                    check=functools.partial(_check_client, conn),
+                    peer_gone=functools.partial(peer_closed, conn),
                 ).run(answer.start_op)
             done = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Done)
         finally:
@@ -423,11 +423,6 @@ class WeightServer:
             max_concurrent=self.max_concurrent,
             transfers_served=self._served,
         )
-
-
-def _check_client(conn: socket.socket) -> None:
-    if peer_closed(conn):
-        raise TransferError("the client closed its control connection")
 
 
 def _this_host_address() -> str:
