@@ -47,6 +47,18 @@ class Source:
         self.proc.stdin.flush()
         return json.loads(_readline(self.proc, 30))
 
+    def idle_stats(self, timeout: float = 15.0) -> dict[str, int]:
+        """Stats once no transfer or connection is open. A client's ``load_weights`` returns as soon as it has
+        sent ``done``; its source reads that, logs and closes the transfer a moment later."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, int] = {}
+        while True:
+            now = self.stats()  # idle, and unchanged since the last look (threads finish after deregistering)
+            if ((now["active"], now["connections"]) == (0, 0) and now == last) or time.monotonic() > deadline:
+                return now
+            last = now
+            time.sleep(0.2)
+
     def settled_stats(self, baseline: dict[str, int], timeout: float = 15.0) -> dict[str, int]:
         """Stats once threads, fds and connections are back to ``baseline`` (or the last ones seen)."""
         deadline = time.monotonic() + timeout

@@ -55,7 +55,7 @@ def hostile_source(source):
 
 
 def test_repeated_loads_leak_no_thread_or_fd(hostile_source):
-    baseline = hostile_source.stats()
+    baseline = hostile_source.idle_stats()
     for _ in range(3):
         _load_is_bit_exact(hostile_source.address, 8, token="tok")
     after = hostile_source.settled_stats(baseline)
@@ -65,7 +65,7 @@ def test_repeated_loads_leak_no_thread_or_fd(hostile_source):
 
 def test_garbage_before_authentication_is_dropped(hostile_source):
     src = hostile_source
-    baseline = src.stats()
+    baseline = src.idle_stats()
     for name, payload in PRE_AUTH_GARBAGE.items():
         sock = rawpeer.connect(src.address)
         sock.sendall(payload)
@@ -81,7 +81,7 @@ def test_garbage_before_authentication_is_dropped(hostile_source):
 
 def test_malformed_requests_after_authentication_are_refused(hostile_source):
     src = hostile_source
-    baseline = src.stats()
+    baseline = src.idle_stats()
     good = {"type": "load", "model_id": "test-model", "rank": 0, "layout": {}, "backend": "gloo"}
     bad_requests = [
         {**good, "rank": -1},
@@ -142,7 +142,7 @@ def test_a_peer_that_trickles_bytes_is_dropped_at_the_deadline(hostile_source):
 
 def test_fifty_idle_connections_do_not_block_a_load(hostile_source):
     src = hostile_source
-    baseline = src.stats()
+    baseline = src.idle_stats()
     idle = [rawpeer.connect(src.address) for _ in range(50)]
     try:
         _load_is_bit_exact(src.address, 8, token="tok")

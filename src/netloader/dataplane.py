@@ -193,6 +193,9 @@ class _Waiter:
         with self._cv:
             self._closed = True
             self._works.clear()
+            # the error, once raised, has a traceback through wait_for's frame, which holds this waiter:
+            # dropping it here breaks that cycle, so the failed transfer's group is freed now, not at a gc
+            self._error = None
             self._cv.notify_all()
         if join:
             self._thread.join()
@@ -329,7 +332,10 @@ class _Executor:
             work.wait()  # type: ignore[attr-defined]  # orders this thread's stream after the message
 
     @contextlib.contextmanager
-    def _waiting(self) -> Iterator[None]:
+    def _waiting(self, inflight: deque[Any]) -> Iterator[None]:
+        """Around a run: on the way out, whatever happened, stop the waiter and let go of the group, the
+        in-flight works and the staging buffers, so a failed transfer's sockets and memory go as soon as
+        gloo lets them (an exception's traceback would otherwise keep them until a garbage collection)."""
         ok = False
         try:
             yield
@@ -340,6 +346,12 @@ class _Executor:
             if not ok and self.device.type != "cpu":
                 with contextlib.suppress(Exception):  # NCCL/HCCL can abort in-flight work; gloo cannot
                     self.group.abort()  # type: ignore[attr-defined]
+            inflight.clear()
+            self.group = None
+            self._waiter = None
+            self._slots.clear()
+            self._free.clear()
+            self._whole.clear()
 
 
 def _short(text: str) -> str:
@@ -366,7 +378,7 @@ class Sender(_Executor):
             if self.on_op:
                 self.on_op(i, self.plan.ops[i].payload)
 
-        with self._waiting(), _side_stream(self.device), torch.no_grad():
+        with self._waiting(inflight), _side_stream(self.device), torch.no_grad():
             for i in range(start_op, len(self.plan.ops)):
                 self._check_cancel()
                 op = self.plan.ops[i]
@@ -409,7 +421,7 @@ class Receiver(_Executor):
         assembling: dict[int, int] = {}  # non-contiguous direct tensor -> index of its first chunk's op
 
         try:
-            with self._waiting(), _side_stream(self.device), torch.no_grad():
+            with self._waiting(inflight), _side_stream(self.device), torch.no_grad():
                 while True:
                     while next_post < len(ops) and len(inflight) < MAX_INFLIGHT:
                         op = ops[next_post]
