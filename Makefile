@@ -10,11 +10,22 @@ setup: $(STAMP)
 
 # torch==2.13.0 goes in first: on this kind of machine it resolves to a local CPU wheel, while an unpinned
 # torch would pull several GB of CUDA packages. The package itself only asks for a range (torch>=2.4).
-$(STAMP): pyproject.toml
+# The vLLM plugin's tests run the real vLLM 0.33.0 on its CPU platform. vLLM's metadata pins a CUDA torch, so
+# vLLM goes in without its dependencies, followed by what its config, model construction and loading import.
+VLLM_PIN := vllm==0.33.0
+VLLM_CPU_DEPS := "transformers>=5.16.1,<5.21" safetensors tqdm regex cachetools psutil pydantic msgspec \
+	cloudpickle pyzmq pyyaml blake3 py-cpuinfo requests sentencepiece einops filelock openai prometheus_client \
+	cbor2 aiohttp openai-harmony pillow pybase64 uvloop xgrammar fastapi partial-json-parser llguidance
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(VLLM_PIN)
+	$(PY) -m pip install --quiet $(VLLM_CPU_DEPS)
+	$(PY) -m pip install --quiet --no-deps compressed-tensors==0.17.0 loguru
+	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 demo: setup

@@ -1,0 +1,1 @@
+"""Integrations of netloader into serving engines; each module imports its engine only when used."""
