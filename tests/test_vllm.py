@@ -58,7 +58,9 @@ def _dead_address() -> str:
 class Instance:
     """One vLLM instance: ``world`` worker processes (one per rank) sharing a gloo world."""
 
-    def __init__(self, workdir: Path, name: str, model_dir: Path, world: int, extra: dict[str, Any]) -> None:
+    def __init__(
+        self, workdir: Path, name: str, model_dir: Path, world: int, extra: dict[str, Any], *, draft: bool = False
+    ) -> None:
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir()
@@ -70,7 +72,7 @@ class Instance:
             with open(self.logs[rank], "w") as log:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, WORKER, str(model_dir), str(rank), str(world), str(dist_port),
-                     json.dumps(extra), str(self.results_paths[rank])],
+                     json.dumps(extra), str(self.results_paths[rank]), *(["--draft"] if draft else [])],
                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True, env=VENV_ENV,
                 ))
         self._results: list[dict[str, Any]] | None = None
@@ -259,6 +261,25 @@ def test_dead_source_falls_back_to_disk_bit_exact(workdir: Path, checkpoint: Pat
         instance.close()
 
 
+def test_a_different_partition_is_refused_before_any_byte_moves(
+    workdir: Path, checkpoint: Path, source: Instance
+) -> None:
+    """A TP=1 instance asking the TP=2 source's rank 0: same model, same rank number, another shard."""
+    address = source.results()[0]["outcome"]["served_at"]
+    extra = {"MODEL": MODEL, "SERVE": False, "SOURCE": [{"device_id": 0, "sources": [address]}]}
+    instance = Instance(workdir, "tp-mismatch", checkpoint, 1, extra)
+    try:
+        (result,) = instance.results()
+        outcome = result["outcome"]
+        assert outcome["path"] == "disk"
+        assert "IdentityMismatchError" in outcome["reason"] and "tp" in outcome["reason"], outcome["reason"]
+        assert result["shapes"]["model.layers.0.self_attn.qkv_proj.weight"] != (
+            source.results()[0]["shapes"]["model.layers.0.self_attn.qkv_proj.weight"]
+        )
+    finally:
+        instance.close()
+
+
 def test_fallback_false_with_a_dead_source_stops_with_a_clear_error(workdir: Path, checkpoint: Path) -> None:
     dead = _dead_address()
     extra = {"MODEL": MODEL, "SOURCE": [{"device_id": 0, "sources": [dead]}], "FALLBACK": False, "TIMEOUT": 10}
@@ -268,6 +289,70 @@ def test_fallback_false_with_a_dead_source_stops_with_a_clear_error(workdir: Pat
         assert result["error"] == "NoSourceError"
         assert dead in result["message"] and "refused" in result["message"].lower()
         assert instance.procs[0].wait(timeout=60) == 3
+    finally:
+        instance.close()
+
+
+DRAFT_OFFSET = 7  # a draft model serves on its target's port + DRAFT_PORT_OFFSET
+
+
+@pytest.fixture(scope="module")
+def draft_source(workdir: Path, checkpoint: Path) -> Iterator[Instance]:
+    """TP=1 with a draft model (speculative decoding): target on LISTEN_PORT, draft on LISTEN_PORT + offset."""
+    base = _free_port(DRAFT_OFFSET + 1)
+    extra = {"MODEL": MODEL, "LISTEN_PORT": base, "DRAFT_PORT_OFFSET": DRAFT_OFFSET,
+             "OUTPUT_PREFIX": str(workdir / "spec-rank")}
+    instance = Instance(workdir, "spec", checkpoint, 1, extra, draft=True)
+    yield instance
+    instance.close()
+
+
+def test_draft_model_has_its_own_server_port_and_address_file(draft_source: Instance, workdir: Path) -> None:
+    (result,) = draft_source.results()
+    target, draft = result["outcome"], result["draft"]["outcome"]
+    assert target["role"] == "target" and draft["role"] == "draft"
+    host, port = target["served_at"].rsplit(":", 1)
+    assert draft["served_at"] == f"{host}:{int(port) + DRAFT_OFFSET}"
+    assert (workdir / "spec-rank0.txt").read_text().strip() == target["served_at"]
+    assert (workdir / "spec-rankdraft0.txt").read_text().strip() == draft["served_at"]
+
+
+def test_new_instance_takes_target_and_draft_each_from_its_own_server(
+    draft_source: Instance, workdir: Path, no_weights: Path
+) -> None:
+    (expected,) = draft_source.results()
+    extra = {"MODEL": MODEL, "DRAFT_PORT_OFFSET": DRAFT_OFFSET, "SERVE": False,
+             "SOURCE": [{"device_id": 0, "sources": [expected["outcome"]["served_at"]]}]}
+    instance = Instance(workdir, "spec-client", no_weights, 1, extra, draft=True)
+    try:
+        (got,) = instance.results()
+        assert "error" not in got, got.get("message")
+        for part in (got, got["draft"]):
+            assert part["outcome"]["path"] == "network", part["outcome"]
+        assert got["outcome"]["source"] == expected["outcome"]["served_at"]
+        assert got["draft"]["outcome"]["source"] == expected["draft"]["outcome"]["served_at"]
+        assert got["digests"] == expected["digests"]
+        assert got["draft"]["digests"] == expected["draft"]["digests"]
+    finally:
+        instance.close()
+
+
+def test_a_draft_pointed_at_a_target_server_is_refused_and_loads_from_disk(
+    draft_source: Instance, workdir: Path, checkpoint: Path
+) -> None:
+    (expected,) = draft_source.results()
+    target_address = expected["outcome"]["served_at"]
+    extra = {"MODEL": MODEL, "SERVE": False, "SOURCE": [{"device_id": 0, "sources": [target_address]}],
+             "DRAFT_SOURCE": [{"device_id": 0, "sources": [target_address]}]}  # the draft asks the target's server
+    instance = Instance(workdir, "spec-mixup", checkpoint, 1, extra, draft=True)
+    try:
+        (got,) = instance.results()
+        assert "error" not in got, got.get("message")
+        assert got["outcome"]["path"] == "network"
+        draft = got["draft"]["outcome"]
+        assert draft["path"] == "disk"
+        assert "IdentityMismatchError" in draft["reason"] and "role" in draft["reason"], draft["reason"]
+        assert got["draft"]["digests"] == expected["draft"]["digests"]
     finally:
         instance.close()
 
