@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
@@ -106,7 +107,9 @@ def main() -> int:
             )
             initialize_model_parallel(args.world, 1)
             loader = get_model_loader(cfg.load_config)
+            started = time.perf_counter()
             model = loader.load_model(vllm_config=cfg, model_config=cfg.model_config)
+            result["load_seconds"] = time.perf_counter() - started
             if args.draft:
                 assert cfg.speculative_config is not None
                 draft_loader = get_model_loader(get_draft_load_config(cfg))
