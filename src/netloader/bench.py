@@ -123,7 +123,8 @@ class FlatModel:
         dtype = DTYPES[shape.dtype]
         self.flat = torch.zeros(total, dtype=torch.uint8) if touch else torch.empty(total, dtype=torch.uint8)
         self.views = [self.flat[s.offset : s.offset + s.nbytes] for s in self.specs]
-        self.module = module_from((s.name, v.view(dtype).view(s.dims)) for s, v in zip(self.specs, self.views, strict=True))
+        tensors = (v.view(dtype).view(s.dims) for s, v in zip(self.specs, self.views, strict=True))
+        self.module = module_from(zip((s.name for s in self.specs), tensors, strict=True))
 
     @property
     def payload(self) -> int:
