@@ -488,7 +488,7 @@ def _model_plans(cfg: Config) -> list[_ModelPlan]:
 
 
 def _size_label(nbytes: int) -> str:
-    return f"{nbytes / GiB:g}GiB" if nbytes >= GiB else f"{nbytes / MiB:g}MiB"
+    return f"{nbytes / GiB:.3g}GiB" if nbytes >= GiB else f"{nbytes / MiB:.3g}MiB"
 
 
 def summarize(nbytes: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
