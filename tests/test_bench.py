@@ -17,7 +17,8 @@ from netloader.bench import MARK_BEGIN, MARK_END, METHODS
 
 def test_quick_bench_measures_every_method_bit_exact(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCH.md"
-    markdown.write_text("# hand-written intro\n\n" + MARK_BEGIN + "\nold\n" + MARK_END + "\n\nhand-written outro\n")
+    stale = f"{MARK_BEGIN}\nSTALE-GENERATED-TEXT\n{MARK_END}"
+    markdown.write_text(f"# hand-written intro\n\n{stale}\n\nhand-written outro\n")
     out = subprocess.run(
         [sys.executable, "-m", "netloader", "bench", "--quick", "--out", str(tmp_path / "results"),
          "--markdown", str(markdown), "--workdir", str(tmp_path)],
@@ -48,4 +49,4 @@ def test_quick_bench_measures_every_method_bit_exact(tmp_path: Path) -> None:
 
     text = markdown.read_text()
     assert text.startswith("# hand-written intro") and text.rstrip().endswith("hand-written outro")
-    assert "old" not in text and "netloader `load_weights`" in text and "### Targets" in text
+    assert "STALE-GENERATED-TEXT" not in text and "netloader `load_weights`" in text and "### Targets" in text
