@@ -156,6 +156,7 @@ def test_right_token_loads(source):
     netloader.load_weights(model, [src.address], model_id="test-model", token="s3cret")
     expected = named(build("mixed", 3))
     assert all(bytes_equal(t, expected[n]) for n, t in named(model).items())
+    src.idle_stats()  # load_weights returns once `done` is sent; the source counts the transfer when it reads it
     info = netloader.probe(src.address, token="s3cret")
     assert info.transfers_served == 1
     with pytest.raises(netloader.AuthenticationError):

@@ -1,4 +1,4 @@
-"""Command line: ``netloader probe HOST:PORT``, ``netloader serve FILE``, ``netloader demo``."""
+"""Command line: ``netloader probe HOST:PORT``, ``netloader serve FILE``, ``netloader demo``, ``netloader bench``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(gib=args.gib, workdir=args.workdir)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloader", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -87,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default 1)")
     p.add_argument("--workdir", help="where to write the temporary safetensors file")
     p.set_defaults(func=_demo)
+
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="every loading method side by side on the same models (what `make bench` runs)")
+    add_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 

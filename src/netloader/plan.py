@@ -19,7 +19,9 @@ from .errors import ConfigError
 from .manifest import Manifest, element_size
 
 MiB = 1 << 20
-DEFAULT_BUCKET_SIZE = 32 * MiB
+#: ``netloader bench`` bucket sweep, 20 000-tensor MoE model, 2 vCPUs: 2-32 MiB within noise of each other
+#: (0.87-0.93 GB/s), 64 MiB 0.72 GB/s; 8 MiB keeps the staging memory (2 buckets per side) at 16 MiB
+DEFAULT_BUCKET_SIZE = 8 * MiB
 DEFAULT_DIRECT_THRESHOLD = 1 * MiB
 DEFAULT_CHUNK_SIZE = 256 * MiB
 MIN_BUCKET_SIZE = 64 * 1024

@@ -133,6 +133,14 @@ def build_model(shape: LlamaShape, device: str | torch.device = "cpu", *, touch:
     return root
 
 
+def module_from(tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
+    """An ``nn.Module`` whose parameters are exactly the given tensors (not copied), under their dotted names."""
+    root = _Params()
+    for name, tensor in tensors:
+        _set(root, name, nn.Parameter(tensor, requires_grad=False))
+    return root
+
+
 def _set(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
     *path, leaf = dotted.split(".")
     module = root
