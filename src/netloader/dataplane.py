@@ -18,9 +18,11 @@ third of a torch copy's per-tensor overhead.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
+import queue
 import threading
 import time
 from collections import deque
@@ -58,6 +60,70 @@ def backend_for(device: torch.device) -> str:
 
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
+
+
+class _Reaper:
+    """Lets go of finished transfer groups and stores on a thread of its own.
+
+    Destroying a ``ProcessGroupGloo`` blocks for about 10 ms per connection (measured: 10 ms with one stream,
+    20 ms with two), which would otherwise be added to every load and hold a source's slot for that long. At
+    interpreter exit whatever is pending is torn down before Python stops its threads (a gloo group destroyed
+    during finalization aborts the process).
+    """
+
+    #: seconds an idle reaper waits for more work before its thread ends
+    IDLE_EXIT = 1.0
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[object, ...] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    def discard(self, *objects: object) -> None:
+        """Take over the caller's references; the caller must drop its own right after."""
+        if all(obj is None for obj in objects):
+            return
+        with self._lock:
+            if self._closed:
+                return  # exiting: the caller's references go with its frame, in its own thread
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="netloader-reaper", daemon=True)
+                self._thread.start()
+            self._queue.put(objects)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                objects = self._queue.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:  # no thread outlives its work: the next discard starts a new one
+                    if self._queue.empty():
+                        if self._thread is threading.current_thread():
+                            self._thread = None
+                        return
+                continue
+            if objects is None:
+                return
+            del objects  # the last references: the group's sockets and threads go here
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            self._thread = None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+
+_reaper = _Reaper()
+
+
+def discard(*objects: object) -> None:
+    """Tear down finished groups/stores off the caller's path (see :class:`_Reaper`)."""
+    _reaper.discard(*objects)
 
 
 def host_store(host: str, timeout: float) -> TCPStore:

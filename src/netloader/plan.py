@@ -14,6 +14,7 @@ executes it (the split torch.distributed.checkpoint makes between a plan and the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ConfigError
 from .manifest import Manifest, element_size
@@ -47,8 +48,7 @@ class PlanParams:
             raise ConfigError(f"chunk_size must be within [{MIN_BUCKET_SIZE}, {MAX_BUCKET_SIZE}] bytes")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """``length`` bytes of moving tensor ``index`` starting at byte ``start``, at byte ``offset`` of the message."""
 
     index: int

@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .dataplane import DEFAULT_STREAMS, MAX_STREAMS, SOURCE_RANK, Sender, backend_for, host_store, pair_group
+from .dataplane import (
+    DEFAULT_STREAMS,
+    MAX_STREAMS,
+    SOURCE_RANK,
+    Sender,
+    backend_for,
+    discard,
+    host_store,
+    pair_group,
+)
 from .errors import ConfigError, IdentityMismatchError, NetloaderError
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import (
@@ -388,9 +397,10 @@ class WeightServer:
                 ).run(answer.start_op)
             done = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Done)
         finally:
-            # dropping the last references tears the group down (its sockets close) and stops the store
-            group = None
-            store = None
+            # dropping the last references tears the group down (its sockets close) and stops the store; that
+            # takes ~10 ms per gloo connection, so it happens on the reaper thread and frees the slot at once
+            discard(group, store)
+            group = store = None
         seconds = time.perf_counter() - started
         if not done.ok:
             logger.warning("netloader: %s reported a failed load after %.2f s: %s", who, seconds, done.message)
