@@ -794,7 +794,7 @@ def render_markdown(result: dict[str, Any], chart: str | None = None) -> str:
         cells = [t["netloader"].get("extra_rss_mib"), t["netloader"].get("source_extra_rss_mib"),
                  t["per_tensor"].get("extra_rss_mib"), t["ceiling"].get("extra_rss_mib"),
                  t["disk_cold"].get("extra_rss_mib")]
-        lines.append(f"| {key} | " + " | ".join("–" if c is None else f"{c:.0f}" for c in cells) + " |")
+        lines.append(f"| {key} | " + " | ".join("–" if c is None else f"{max(c, 0.0):.0f}" for c in cells) + " |")
     sweep = [(k, mm) for k, mm in result["models"].items() if mm["kind"] == "llama"]
     if sweep:
         lines += ["", "### Scaling with model size (Llama-shaped, touched targets, GB/s)", ""]
