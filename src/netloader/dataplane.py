@@ -400,9 +400,9 @@ class _Executor:
             if at is None:
                 strided.append(k)
             elif pack:
-                move(base + seg.offset, at, seg.length)
+                move(base + seg.offset, at + seg.start, seg.length)
             else:
-                move(at, base + seg.offset, seg.length)
+                move(at + seg.start, base + seg.offset, seg.length)
         for k in strided:  # non-contiguous tensors: a torch copy through a typed view of the staging bytes
             seg = op.segments[k]
             tensor = self.tensors[seg.index]
