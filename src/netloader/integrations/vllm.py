@@ -102,7 +102,10 @@ class NetloaderModelLoader(BaseModelLoader):
             _empty_cache()
             with _accelerator_guard():
                 model = self._disk.load_model(vllm_config, model_config, prefix)
-        if self.config.SERVE:
+        if self.config.SERVE and model_config.enable_sleep_mode:
+            # a sleeping instance releases its weights' device memory under the tensors a server would read
+            logger.warning("netloader: rank %d does not serve its weights: sleep mode is enabled", rank)
+        elif self.config.SERVE:
             outcome.served_at = _serve(model, self.config, identity, rank=rank, draft=draft)
         self.outcome = outcome
         return model
