@@ -256,8 +256,9 @@ class TensorSet:
             if name in names:
                 raise ConfigError(f"tensor name {name!r} appears twice")
             names.add(name)
-            if tensor.requires_grad:
-                tensor = tensor.detach()
+            # a view of its own: the set keeps the storage it described even if the owner later rebinds
+            # ``param.data`` (the plan's lengths, and on CPU the executors' raw addresses, come from it)
+            tensor = tensor.detach()
             if tensor.layout is not strided:
                 raise ConfigError(f"tensor {name!r} has layout {tensor.layout}; only dense tensors are supported")
             device = tensor.device
