@@ -35,6 +35,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from ..client import LoadReport, load_weights
 from ..errors import NetloaderError
 from ..manifest import LayoutValue
+from ..plan import DEFAULT_BUCKET_SIZE
 from ..server import WeightServer
 from .vllm_config import NetloaderConfig, parse_config
 
@@ -130,9 +131,9 @@ class NetloaderModelLoader(BaseModelLoader):
                 _check_supported(model)
                 # The layout the source runs with: processing is shape-driven, the values are overwritten below.
                 process_weights_after_loading(model, model_config, target_device)
-                bucket = self.config.BUCKET_MIB << 20 if self.config.BUCKET_MIB else None
                 report = load_weights(runtime_tensors(model), sources, token=self.config.token(),
-                                      timeout=self.config.TIMEOUT, bucket_size=bucket, progress=False, **identity)
+                                      timeout=self.config.TIMEOUT, bucket_size=self.config.bucket_size(),
+                                      progress=False, **identity)
                 # Host-side state derived from weight values (e.g. float copies of scales) is rebuilt from the
                 # received tensors; vLLM skips every tensor transform in this mode.
                 with weights_already_processed():
@@ -195,7 +196,7 @@ def _serve(
             token=config.token(),
             max_concurrent=config.MAX_CONCURRENT,
             timeout=config.TIMEOUT,
-            **({"bucket_size": config.BUCKET_MIB << 20} if config.BUCKET_MIB else {}),
+            bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
             **identity,
         )
         with _servers_lock:

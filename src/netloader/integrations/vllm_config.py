@@ -81,6 +81,10 @@ class NetloaderConfig(BaseModel):
                 shifted.append(format_address(host, port + self.DRAFT_PORT_OFFSET))
         return shifted
 
+    def bucket_size(self) -> int | None:
+        """``BUCKET_MIB`` in bytes (None: the library's default)."""
+        return self.BUCKET_MIB << 20 if self.BUCKET_MIB else None
+
     def token(self) -> str | None:
         return self.TOKEN if self.TOKEN is not None else (os.environ.get(TOKEN_ENV) or None)
 
