@@ -428,5 +428,5 @@ def test_config_file_takes_precedence_over_inline_keys(config_checks: list[dict[
 
 
 def test_importing_netloader_never_imports_vllm() -> None:
-    code = "import sys, netloader, netloader.integrations.vllm_config; assert 'vllm' not in sys.modules"
+    code = "import sys, netloader, netloader.integrations.config; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**ENV, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -37,7 +37,7 @@ from ..errors import NetloaderError
 from ..manifest import LayoutValue
 from ..plan import DEFAULT_BUCKET_SIZE
 from ..server import WeightServer
-from .vllm_config import NetloaderConfig, parse_config
+from .config import NetloaderConfig, parse_config
 
 logger = logging.getLogger("netloader")
 

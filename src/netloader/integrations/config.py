@@ -1,9 +1,10 @@
-"""The configuration of netloader's vLLM loader: ``--model-loader-extra-config`` validated with pydantic.
+"""The configuration of netloader's engine loaders (vLLM, SGLang): ``--model-loader-extra-config`` validated
+with pydantic. One config module serves every integration, so the keys mean the same thing in each engine.
 
 Accepts the keys of vllm-ascend's Netloader (``SOURCE``, ``MODEL``, ``LISTEN_PORT``, ``OUTPUT_PREFIX``,
 ``CONFIG_FILE``, ``INT8_CACHE``, ``INT8_CACHE_NAME``) plus netloader's own. Unlike the original, a bad value or an
 unknown key is an error naming the key and what it allows, never a silent default. Importing this module does
-not need vLLM.
+not need vLLM or any other engine.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class SourceEntry(BaseModel):
 
 
 class NetloaderConfig(BaseModel):
-    """Every key netloader's vLLM loader understands, with its default."""
+    """Every key netloader's engine loaders understand, with its default."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
