@@ -116,8 +116,8 @@ class Publisher:
         except Exception as exc:
             if self._healthy is not False:
                 reason = str(exc) if isinstance(exc, NetloaderError) else f"{type(exc).__name__}: {exc}"
-                logger.warning("netloader: cannot publish to registry %s: %s; the source keeps serving and "
-                               "publishes again when the registry is back", self.registry.url, reason)
+                logger.warning("netloader: cannot publish (%s); the source keeps serving and publishes again "
+                               "when the registry is back", reason)
             self._healthy = False
             return
         if self._healthy is False:
