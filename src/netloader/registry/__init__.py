@@ -147,6 +147,17 @@ def find_sources(
             reg.close()
 
 
+def find_sources_or_reason(
+    registry: str, identity: Identity, *, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[list[str], str | None]:
+    """For engine integrations: the registry's sources of ``identity`` (best first), or no source and why (a
+    registry without such a source, or one that cannot be read). Never raises a :class:`NetloaderError`."""
+    try:
+        return find_sources(registry, identity, timeout=timeout), None
+    except NoSourceError as exc:
+        return [], str(exc)
+
+
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_TIMEOUT",
@@ -160,6 +171,7 @@ __all__ = [
     "SourceRecord",
     "check_url",
     "find_sources",
+    "find_sources_or_reason",
     "identity_key",
     "open_registry",
     "rank_sources",
