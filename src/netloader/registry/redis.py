@@ -32,6 +32,7 @@ from .base import (
     LiveSource,
     Registry,
     SourceRecord,
+    holds,
     identity_key,
     model_key,
     parse_record,
@@ -134,7 +135,8 @@ class RedisRegistry(Registry):
         pipe.srem(id_set, record.source_id)
         self._call("remove", pipe.execute)
 
-    def _live(self, key: str, value: bytes | str, pttl: int, ikey: str | None) -> LiveSource | None:
+    def _live(self, key: str, value: bytes | str, pttl: int, ikey: str, identity: Identity | None = None
+              ) -> LiveSource | None:
         where = f"{self.url} key {key}"
         if value in (b"!", "!"):
             skipped.warning(where, "netloader registry: skipping %s: not a string", where)
@@ -147,7 +149,7 @@ class RedisRegistry(Registry):
             skipped.warning(where, "netloader registry: skipping %s: it %s", where,
                             "never expires" if pttl == -1 else f"expires in {pttl} ms, beyond its ttl")
             return None
-        if ikey is not None and identity_key(record.identity) != ikey:
+        if not (holds(record, identity) if identity is not None else identity_key(record.identity) == ikey):
             skipped.warning(where, "netloader registry: skipping %s: its identity is not the one its key says", where)
             return None
         return LiveSource(record, max(0.0, record.ttl - pttl / 1000))
@@ -165,7 +167,7 @@ class RedisRegistry(Registry):
                 where = f"{id_set}/{sid[:40]}"
                 skipped.warning(where, "netloader registry: skipping member %r of %s", sid[:40], id_set)
                 continue
-            live = self._live(prefix + sid, value, int(pttl), ikey)
+            live = self._live(prefix + sid, value, int(pttl), ikey, identity)
             if live is not None and live.record.source_id == sid:
                 out.append(live)
         return out
