@@ -284,6 +284,12 @@ def test_bad_registry_urls_are_config_errors_and_passwords_are_never_shown(tmp_p
     for url in ("http://example/x", "file://relative/dir", "redis://", "registry", "redis://h:notaport/0"):
         with pytest.raises(ConfigError):
             open_registry(url)
+    # rediss:// goes through the redis client's TLS connection (no TLS server here to talk to)
+    from redis.connection import SSLConnection
+
+    tls = open_registry("rediss://:pw@registry.example:6380/2")
+    assert tls._client.connection_pool.connection_class is SSLConnection  # type: ignore[attr-defined]
+    assert tls.url == "rediss://:***@registry.example:6380/2"
     dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
     with pytest.raises(NoSourceError) as err:
         load_weights({}, registry=dead, model_id="m", timeout=3)
