@@ -45,7 +45,7 @@ class RedisServer:
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--dir", str(self.workdir), "--protected-mode", "yes", "--enable-debug-command", "local"],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from conftest import ENV, client_result, spawn_client
 from netloader import Identity, NoSourceError
@@ -208,6 +210,39 @@ def test_registry_down_never_stops_a_source_and_it_republishes_when_back(source,
         # one line when the registry went away (not one per heartbeat), one when it came back
         assert log.count("cannot publish") == log.count("published again") >= 1, log
     assert "Traceback" not in src.log_text()
+
+
+def test_a_registry_that_hangs_never_stops_a_source_starting_serving_or_closing(
+    source, redis_server: RedisServer  # noqa: F811
+) -> None:
+    """A real Redis that stops answering for a while (DEBUG SLEEP), and an endpoint that accepts connections and
+    never answers: every registry call gives up after its deadline; sources start, serve and close all the same."""
+    src = source("mixed", seed=2, registry=redis_server.url, **FAST)
+    client = redis.Redis(port=redis_server.port, socket_timeout=60)
+    hang = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", "15"))
+    hang.start()
+    try:
+        time.sleep(0.5)
+        assert load(None, sources=[src.address], expect_seed=2)["ok"]
+        src.stop()  # returns although the registry does not answer
+        assert src.proc.returncode == 0
+    finally:
+        hang.join()
+        client.close()
+    # its record could not be removed: it expires by itself
+    assert wait_until(lambda: not addresses(redis_server.url, model_id="test-model"))
+    assert "did not answer" in src.log_text()
+
+    stuck = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        late = source("mixed", seed=2, registry=f"redis://127.0.0.1:{stuck.getsockname()[1]}/0", **FAST)
+        assert load(None, sources=[late.address], expect_seed=2)["ok"]
+        late.stop()
+        assert late.proc.returncode == 0
+        log = late.log_text()
+        assert log.count("cannot publish") == 1 and "did not answer" in log, log
+    finally:
+        stuck.close()
 
 
 def test_hostile_records_never_crash_or_hang_a_client(source, backend: Backend) -> None:

@@ -1,9 +1,9 @@
 """Keeps one source's record fresh in a registry from a background thread, without ever disturbing the source.
 
 :class:`Publisher` publishes once when started, then every ``heartbeat`` seconds, and removes the record when
-stopped. A registry that is down or slow costs at most its timeout per attempt, is logged once (and once more
-when it is back), and never raises into the owner: the source keeps serving and the record reappears with the
-next heartbeat that reaches the registry.
+stopped, all from its own thread: starting and stopping wait at most the registry's timeout. A registry that is
+down or slow is logged once (and once more when it is back) and never raises into the owner: the source keeps
+serving and the record reappears with the next heartbeat that reaches the registry.
 """
 
 from __future__ import annotations
@@ -61,43 +61,54 @@ class Publisher:
         self.fields = fields
         self.heartbeat = float(heartbeat)
         self.ttl = float(ttl)
+        self.timeout = float(timeout)
         self.source_id = secrets.token_hex(8)
         self.started_at = time.time()
         self.published = 0  # heartbeats that reached the registry
         self._record: SourceRecord | None = None
         self._healthy: bool | None = None
         self._stop = threading.Event()
+        self._first = threading.Event()
+        self._remove = True
         self._thread: threading.Thread | None = None
 
     def start(self) -> Publisher:
-        """Publish once now (bounded by the registry's timeout), then refresh from a daemon thread."""
+        """Start refreshing from a daemon thread; returns once the first heartbeat is done, or after the registry's
+        timeout if it hangs (a directory on a hung network filesystem, say)."""
         if self._thread is None:
-            self._beat()
             self._thread = threading.Thread(target=self._run, name="netloader-registry", daemon=True)
             self._thread.start()
+            self._first.wait(self.timeout + 1.0)
         return self
 
     def stop(self, remove: bool = True) -> None:
-        """Stop refreshing and remove the record (a failure to remove is logged; the record then expires)."""
+        """Stop refreshing and remove the record, waiting at most the registry's timeout (a record that could not
+        be removed expires ``ttl`` seconds after its last heartbeat)."""
+        self._remove = remove
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(self.timeout + 1.0)
+            if self._thread.is_alive():
+                logger.warning("netloader: registry %s did not answer within %.0f s; the record expires within "
+                               "%.0f s", self.registry.url, self.timeout, self.ttl)
+
+    def _run(self) -> None:
+        self._beat()
+        self._first.set()
+        while not self._stop.wait(self.heartbeat):
+            self._beat()
         record = self._record
         try:
-            if remove and record is not None:
+            if self._remove and record is not None:
                 self.registry.remove(record)
                 logger.info("netloader: removed %s from registry %s", record.address, self.registry.url)
         except NetloaderError as exc:
-            logger.info("netloader: %s; its record expires within %.0f s", exc, self.ttl)
+            logger.info("netloader: %s; the record expires within %.0f s", exc, self.ttl)
         except Exception:
             logger.exception("netloader: unexpected error removing a record from registry %s", self.registry.url)
         finally:
             with contextlib.suppress(Exception):
                 self.registry.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.heartbeat):
-            self._beat()
 
     def _beat(self) -> None:
         """One heartbeat; never raises."""
