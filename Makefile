@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.netloader-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup redis-server demo test lint bench clean
 
-setup: $(STAMP)
+setup: redis-server $(STAMP)
 
 # torch==2.13.0 goes in first: on this kind of machine it resolves to a local CPU wheel, while an unpinned
 # torch would pull several GB of CUDA packages. The package itself only asks for a range (torch>=2.4).
@@ -16,6 +16,21 @@ VLLM_PIN := vllm==0.33.0
 VLLM_CPU_DEPS := "transformers>=5.16.1,<5.21" safetensors tqdm regex cachetools psutil pydantic msgspec \
 	cloudpickle pyzmq pyyaml blake3 py-cpuinfo requests sentencepiece einops filelock openai prometheus_client \
 	cbor2 aiohttp openai-harmony pillow pybase64 uvloop xgrammar fastapi partial-json-parser llguidance
+
+# The registry tests run a real redis-server (Debian's package); installed here when missing. Needs root (CI and
+# the project's machines are); otherwise it stops with what to install.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make setup: redis-server is missing and this is not root: run 'sudo apt-get install -y redis-server'" >&2; \
+	    exit 1; \
+	  fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make setup: redis-server is missing and there is no apt-get: install redis-server (Redis 6.2 or later)" >&2; exit 1; }; \
+	  echo "make setup: installing redis-server (apt-get)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null && \
+	  command -v redis-server >/dev/null || { echo "make setup: apt-get could not install redis-server" >&2; exit 1; }; \
+	}
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,6 +1,7 @@
 """A real client process for the tests: loads a model from tests/models.py and checks it bit for bit.
 
-argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "model_id": str, ...}.
+argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "model_id": str, ...} ("sources" may be
+left out for a client that only has a "registry").
 Prints one JSON line: {"ok", "mismatched", "source", "bytes", "error"}.
 """
 
@@ -29,7 +30,8 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # a client that dies mid-transfer
 
     try:
-        report = netloader.load_weights(model, spec.pop("sources"), progress=False, on_progress=on_progress, **spec)
+        sources = spec.pop("sources", None)
+        report = netloader.load_weights(model, sources, progress=False, on_progress=on_progress, **spec)
     except netloader.NetloaderError as exc:
         print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return

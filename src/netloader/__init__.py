@@ -5,6 +5,9 @@ Public API::
     server = netloader.WeightServer(model, model_id="llama-3-8b", rank=0).start()   # on the source
     report = netloader.load_weights(model, [server.address], model_id="llama-3-8b")  # on the client
     info = netloader.probe("10.0.0.5:47000")
+
+Discovery instead of addresses: ``WeightServer(..., registry=URL)`` and ``load_weights(model, registry=URL, ...)``
+(see :mod:`netloader.registry`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .errors import (
     NetloaderError,
     NoSourceError,
     ProtocolError,
+    RegistryError,
     TransferError,
     TransferTimeoutError,
 )
@@ -47,6 +51,7 @@ __all__ = [
     "PlanParams",
     "ProbeInfo",
     "ProtocolError",
+    "RegistryError",
     "TensorSpec",
     "TransferError",
     "TransferTimeoutError",

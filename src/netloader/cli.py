@@ -1,4 +1,5 @@
-"""Command line: ``netloader probe HOST:PORT``, ``netloader serve FILE``, ``netloader demo``, ``netloader bench``."""
+"""Command line: ``netloader probe HOST:PORT``, ``netloader sources --registry URL``, ``netloader serve FILE``,
+``netloader demo``, ``netloader bench``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,30 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sources(args: argparse.Namespace) -> int:
+    from .registry import open_registry
+
+    if not args.registry:
+        print("netloader: give --registry URL or set $NETLOADER_REGISTRY", file=sys.stderr)
+        return 2
+    with open_registry(args.registry, timeout=args.timeout) as registry:
+        live = registry.listing(args.model_id)
+    live.sort(key=lambda e: (e.record.model_id, e.record.rank, sorted(e.record.layout.items()), e.record.address))
+    if args.json:
+        print(json.dumps([{**e.record.model_dump(), "age": round(e.age, 3)} for e in live], indent=2))
+        return 0
+    rows = [("MODEL", "RANK", "LAYOUT", "ADDRESS", "STATE", "PROGRESS", "TRANSFERS", "AGE")]
+    for entry in live:
+        r = entry.record
+        layout = ",".join(f"{k}={v}" for k, v in r.layout.items()) or "-"
+        rows.append((r.model_id, str(r.rank), layout, r.address, r.state, f"{r.progress:.0%}",
+                     f"{r.active_transfers}/{r.max_concurrent}", f"{entry.age:.1f}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
@@ -42,7 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
     tensors = load_file(args.file, device=args.device)
     layout = json.loads(args.layout) if args.layout else None
     server = WeightServer(
-        tensors, model_id=args.model_id, rank=args.rank, layout=layout, host=args.host, port=args.port, token=args.token
+        tensors, model_id=args.model_id, rank=args.rank, layout=layout, host=args.host, port=args.port,
+        token=args.token, registry=args.registry,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -78,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
     p.set_defaults(func=_probe)
 
+    p = sub.add_parser("sources", help="list the live sources a registry holds")
+    p.add_argument("--registry", default=os.environ.get("NETLOADER_REGISTRY"),
+                   help="file:///dir, redis://host:port/db or rediss://... (default: $NETLOADER_REGISTRY)")
+    p.add_argument("--model-id", help="only this model's sources")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds each registry call may take")
+    p.add_argument("--json", action="store_true", help="print the records as JSON (age: seconds since a heartbeat)")
+    p.set_defaults(func=_sources)
+
     p = sub.add_parser("serve", help="serve the tensors of a safetensors file")
     p.add_argument("file")
     p.add_argument("--model-id", required=True)
@@ -87,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--token", default=os.environ.get("NETLOADER_TOKEN"), help=token_help)
+    p.add_argument("--registry", default=os.environ.get("NETLOADER_REGISTRY"),
+                   help="publish this source in a registry (default: $NETLOADER_REGISTRY)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="move a generated ~1 GiB Llama-shaped model between two processes")

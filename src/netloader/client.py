@@ -98,8 +98,9 @@ class _Resume:
 
 def load_weights(
     model: nn.Module | Mapping[str, torch.Tensor],
-    sources: Sequence[str],
+    sources: Sequence[str] | None = None,
     *,
+    registry: str | None = None,
     model_id: str,
     rank: int = 0,
     layout: Mapping[str, LayoutValue] | None = None,
@@ -119,9 +120,15 @@ def load_weights(
     message from the loading thread. ``bucket_size`` asks the source for smaller packed messages. Raises
     :class:`~netloader.NoSourceError` listing every source and its reason when none succeeds; if the last
     failure happened mid-transfer the target is partly written and must not be used.
+
+    ``registry`` (a URL, see :mod:`netloader.registry`): after the explicit ``sources``, try the registry's live
+    sources of exactly this identity, best first. With no explicit source and none in the registry,
+    :class:`~netloader.NoSourceError` is raised at once, saying how many the registry has for other identities
+    of the same ``model_id``.
     """
     if isinstance(sources, str):
         sources = [sources]
+    sources = list(sources or [])
     for source in sources:
         parse_address(source)  # a malformed address is the caller's error, not a source's
     identity = Identity.build(model_id, rank, layout)
@@ -129,6 +136,11 @@ def load_weights(
         raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if bucket_size is not None:
         PlanParams(bucket_size, 1)  # validates the range
+    if registry is not None:
+        from .registry import DEFAULT_TIMEOUT as REGISTRY_TIMEOUT
+        from .registry import find_sources
+
+        sources = find_sources(registry, identity, sources, timeout=min(float(timeout), REGISTRY_TIMEOUT))
     with _gc_paused():
         return _load(model, sources, identity, token, float(timeout), progress, bucket_size, on_progress)
 

@@ -58,14 +58,19 @@ class TransferTimeoutError(TransferError, TimeoutError):
     """A step of the transfer made no progress within the timeout."""
 
 
-class NoSourceError(NetloaderError):
-    """Every source failed. ``failures`` maps each source address to the error it gave."""
+class RegistryError(NetloaderError):
+    """A registry could not be reached or answered in time (see :mod:`netloader.registry`)."""
 
-    def __init__(self, failures: Mapping[str, BaseException]) -> None:
+
+class NoSourceError(NetloaderError):
+    """Every source failed. ``failures`` maps each source address to the error it gave; ``message`` replaces
+    the first line (e.g. why a registry offered no source)."""
+
+    def __init__(self, failures: Mapping[str, BaseException], message: str | None = None) -> None:
         self.failures: dict[str, BaseException] = dict(failures)
         if self.failures:
             lines = [f"  {src}: {type(err).__name__}: {err}" for src, err in self.failures.items()]
-            message = "no source could serve the weights:\n" + "\n".join(lines)
-        else:
+            message = (message or "no source could serve the weights") + ":\n" + "\n".join(lines)
+        elif message is None:
             message = "no source given"
         super().__init__(message)

@@ -64,6 +64,8 @@ from .protocol import (
     server_mac,
     tune_socket,
 )
+from .registry.base import DEFAULT_HEARTBEAT, DEFAULT_TTL
+from .registry.publisher import Publisher, server_fields
 
 logger = logging.getLogger("netloader")
 
@@ -88,6 +90,10 @@ class WeightServer:
       for every message before a transfer starts.
     - ``streams``: parallel connections per transfer for gloo (tensors on CPU).
     - ``advertise_host``: the host part of :attr:`address` when listening on a wildcard address.
+    - ``registry``: a registry URL (``file:///dir``, ``redis://host:port/db``, see :mod:`netloader.registry`):
+      the server publishes its record there on :meth:`start`, refreshes it every ``registry_heartbeat`` seconds
+      and removes it on :meth:`close`; a dead server's record vanishes ``registry_ttl`` seconds after its last
+      heartbeat. A registry that is down is logged and never stops the serving.
     """
 
     def __init__(
@@ -109,6 +115,9 @@ class WeightServer:
         handshake_timeout: float = 10.0,
         advertise_host: str | None = None,
         streams: int = DEFAULT_STREAMS,
+        registry: str | None = None,
+        registry_heartbeat: float = DEFAULT_HEARTBEAT,
+        registry_ttl: float = DEFAULT_TTL,
     ) -> None:
         self.identity = Identity.build(model_id, rank, layout)
         self.tensors = TensorSet(model)
@@ -145,6 +154,11 @@ class WeightServer:
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
+        self._publisher = (
+            Publisher(registry, functools.partial(server_fields, self), heartbeat=registry_heartbeat, ttl=registry_ttl)
+            if registry is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,6 +188,8 @@ class WeightServer:
             self.backend,
             self.address,
         )
+        if self._publisher is not None:
+            self._publisher.start()
         return self
 
     @property
@@ -188,6 +204,8 @@ class WeightServer:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, cancel running transfers at their next message boundary, and wait for the threads."""
+        if self._publisher is not None:
+            self._publisher.stop()  # first: no new client finds a closing source
         self._closing.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):

@@ -18,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from ..protocol import format_address, parse_address
+from ..registry import check_url, redact
 
 #: the environment variable that supplies ``TOKEN`` when the config does not
 TOKEN_ENV = "NETLOADER_TOKEN"
+#: the environment variable that supplies ``REGISTRY`` when the config does not
+REGISTRY_ENV = "NETLOADER_REGISTRY"
 #: a ``CONFIG_FILE`` larger than this is refused (it is a small JSON object)
 MAX_CONFIG_FILE = 1 << 20
 
@@ -65,8 +68,23 @@ class NetloaderConfig(BaseModel):
     BUCKET_MIB: int | None = Field(None, ge=1, le=4096, description="packed message size in MiB")
     MAX_CONCURRENT: int = Field(4, ge=1, le=64, description="transfers one rank serves at once")
     DRAFT_PORT_OFFSET: int = Field(10000, ge=1, le=60000, description="draft model serves on port + offset")
+    REGISTRY: str | None = Field(
+        default_factory=lambda: os.environ.get(REGISTRY_ENV) or None,
+        description="registry URL (file:///dir, redis://host:port/db): ranks without SOURCE look up their identity "
+        "there; every server publishes there",
+    )
     INT8_CACHE: Literal["hbm", "dram", "no"] = Field("no", description="accepted for compatibility; not needed")
     INT8_CACHE_NAME: list[str] | None = Field(None, description="accepted for compatibility; not needed")
+
+    @field_validator("REGISTRY")
+    @classmethod
+    def _registry(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_url(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     def sources_for(self, rank: int, *, draft: bool = False) -> list[str]:
         """The addresses to try for global ``rank`` (empty: load from disk)."""
@@ -181,6 +199,8 @@ def _explain(exc: ValidationError) -> str:
         field = NetloaderConfig.model_fields.get(top)
         what = f" ({field.description})" if field is not None and field.description else ""
         value = "<hidden>" if top == "TOKEN" else repr(error.get("input"))
+        if top == "REGISTRY" and isinstance(error.get("input"), str):
+            value = repr(redact(error["input"]))  # a Redis URL may hold a password
         if len(value) > 80:
             value = value[:77] + "..."
         lines.append(f"{loc}: {error['msg']}; got {value}{what}")

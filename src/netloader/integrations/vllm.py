@@ -34,8 +34,9 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from ..client import LoadReport, load_weights
 from ..errors import NetloaderError
-from ..manifest import LayoutValue
+from ..manifest import Identity, LayoutValue
 from ..plan import DEFAULT_BUCKET_SIZE
+from ..registry import find_sources_or_reason
 from ..server import WeightServer
 from .config import NetloaderConfig, parse_config
 
@@ -86,8 +87,12 @@ class NetloaderModelLoader(BaseModelLoader):
                     "layout": _layout(vllm_config, model_config, role)}
         model: nn.Module | None = None
         outcome = LoadOutcome("disk", role, rank)
+        reason = f"no SOURCE entry for rank {rank}"
+        if not sources and self.config.REGISTRY:  # each rank looks up its own identity
+            sources, why = find_sources_or_reason(self.config.REGISTRY, Identity.build(**identity))
+            reason += f"; {why}"
         if not sources:
-            outcome.reason = f"no SOURCE entry for rank {rank}"
+            outcome.reason = reason
         else:
             try:
                 model, outcome.report = self._load_from_sources(vllm_config, model_config, prefix, sources, identity)
@@ -197,6 +202,7 @@ def _serve(
             max_concurrent=config.MAX_CONCURRENT,
             timeout=config.TIMEOUT,
             bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
+            registry=config.REGISTRY,
             **identity,
         )
         with _servers_lock:
