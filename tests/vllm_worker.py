@@ -7,7 +7,8 @@ parameter and buffer the loaded model holds (as vLLM's model sees them) and how 
 The result goes to RESULT_FILE (written whole, then renamed) because vLLM logs on stdout. Then the worker stays up
 (serving, if the loader serves) until its stdin closes; each line written to its stdin meanwhile,
 ``{"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}``, has it load one more model in the same process
-(same gloo world, new model-parallel groups), which replaces the previous one and its server.
+(same gloo world, new model-parallel groups), which replaces the previous one and its server. A worker whose first
+load fails exits with status 3 once the result is written; a later failed load only writes its result.
 
 Compiled CPU ops that this build of vLLM lacks and that model construction needs get a pure-torch stand-in (see
 :func:`register_cpu_op_stand_ins`).
@@ -184,14 +185,15 @@ def main() -> int:
 
     vllm.plugins.load_general_plugins()
     register_cpu_op_stand_ins()
-    ok = load_and_report(args.model, json.loads(args.extra), args, args.result)
+    if not load_and_report(args.model, json.loads(args.extra), args, args.result):
+        return 3
     # stay up (and serving) until the test closes our stdin; each line it writes meanwhile is one more model for
     # this same process to load: {"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}
     for line in sys.stdin:
         if line.strip():
             step = json.loads(line)
             load_and_report(step["model"], step["extra"], args, step["result"])
-    return 0 if ok else 3
+    return 0
 
 
 if __name__ == "__main__":
