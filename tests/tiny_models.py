@@ -21,6 +21,9 @@ COMMON: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # vLLM runs Phi through its Transformers backend, whose lm_head.bias exists only when the checkpoint has one
@@ -54,6 +57,27 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     # Gemma: (1 + weight) RMSNorm, embedding scaled by sqrt(hidden), tied lm_head
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
+    # sliding-window attention on every other layer, soft-capped logits and attention
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 32}),
+    # experts plus a gated shared expert
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {"num_key_value_heads": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+         "num_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # fused query/key/value and gate/up projections in the checkpoint itself
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2}),
+    # a state-space model: no attention at all
+    "mamba": ("MambaConfig", "MambaForCausalLM", {"state_size": 8, "expand": 2, "conv_kernel": 4}),
+    # hybrid: mamba and attention layers, experts on every other layer
+    "jamba": (
+        "JambaConfig",
+        "JambaForCausalLM",
+        {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
+         "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 8,
+         "mamba_expand": 2, "mamba_dt_rank": 8},
+    ),
     # the same architecture as qwen2-tied with a wider MLP: another model that vLLM runs with the same class
     "qwen2-tied-wide": (
         "Qwen2Config",
