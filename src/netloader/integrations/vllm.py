@@ -147,8 +147,13 @@ class NetloaderModelLoader(BaseModelLoader):
 
 
 def _receive(model: nn.Module, sources: list[str], config: NetloaderConfig, identity: dict[str, Any]) -> LoadReport:
-    """Receive every runtime tensor of ``model`` in place, first giving it the tensors a disk load would have
-    created while reading the checkpoint (see :func:`create_checkpoint_dependent_tensors`)."""
+    """Receive every runtime tensor of ``model`` in place.
+
+    The client learns the source's manifest only in the handshake of a load. When every source refused because
+    their manifest holds tensors this model makes only while reading a checkpoint (see
+    :func:`create_checkpoint_dependent_tensors`), those are created and the sources asked once more: one more
+    handshake, and the client's warning about the first refusal stays in the log.
+    """
 
     def receive() -> LoadReport:
         return load_weights(runtime_tensors(model), sources, token=config.token(), timeout=config.TIMEOUT,
@@ -182,11 +187,12 @@ def create_checkpoint_dependent_tensors(model: nn.Module, source: Manifest) -> l
     instance that did). So every tensor the source holds and this model lacks, whose place here is such a declared
     empty slot (a parameter or buffer registered as ``None`` on an existing module), is created in that slot as
     the source has it: same shape and dtype, on this model's device, a parameter without gradient or a buffer
-    with the slot's persistence. Its values arrive with all the others. Nothing else is created: a tensor with no
-    declared slot here (another model, another vLLM version) or tied to another is left to the manifest check,
-    which stays strict about every name, shape, dtype and tie. The model's own ``load_weights`` cannot make these
-    tensors instead: it wants checkpoint tensors (whole, unsharded), and the manifest only holds this rank's
-    runtime shapes. Returns the names created.
+    with the slot's persistence. Its values arrive with all the others. This is sound because the identity check
+    has already pinned the vLLM model class and version (see :func:`_layout`): the same class declares the same
+    slots on both sides, so only the checkpoint can have filled one. Nothing else is created: a tensor with no
+    declared slot here, or tied to another, is left to the manifest check, which stays strict about every name,
+    shape, dtype and tie. The model's own ``load_weights`` cannot make these tensors instead: it wants checkpoint
+    tensors (whole, unsharded), and the manifest only holds this rank's runtime shapes. Returns what it created.
     """
     have = runtime_tensors(model)
     device = next(iter(have.values())).device if have else torch.device("cpu")
