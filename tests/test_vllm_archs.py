@@ -89,28 +89,23 @@ def loads(workdir: Path, checkpoints: Path) -> Iterator[Loads]:
     new_extra = {"SOURCE": sources, "FALLBACK": False, "SERVE": False}
     first = ARCHS[0]
     source = Instance(workdir, "source", checkpoints / first, WORLD, {"MODEL": first, **source_extra})
-    new: Instance | None = None
+    # started at once (vLLM's imports overlap the source's start), it loads nothing until told
+    new = Instance(workdir, "new", Path("-"), WORLD, {})
     try:
-        out = Loads({}, {}, source)
+        out = Loads({}, {}, new)
         for arch in ARCHS:
             if arch == first:
                 out.source[arch] = source.results()
-                new = out.new_instance = Instance(
-                    workdir, "new", checkpoints / f"{first}-no-weights", WORLD, {"MODEL": first, **new_extra}
-                )
-                out.new[arch] = new.results()
             else:
-                assert new is not None
                 out.source[arch] = _step(source, checkpoints / arch, {"MODEL": arch, **source_extra}, arch)
-                out.new[arch] = _step(new, checkpoints / f"{arch}-no-weights", {"MODEL": arch, **new_extra}, arch)
+            out.new[arch] = _step(new, checkpoints / f"{arch}-no-weights", {"MODEL": arch, **new_extra}, arch)
             if arch == "qwen2-tied":
                 # the same model name and vLLM class, another model (a wider MLP), weight files at hand (FALLBACK)
                 extra = {"MODEL": arch, "SOURCE": sources, "SERVE": False}
                 out.new[MISMATCH] = _step(new, checkpoints / MISMATCH, extra, MISMATCH)
         yield out
     finally:
-        if new is not None:
-            new.close()
+        new.close()
         source.close()
 
 

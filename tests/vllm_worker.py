@@ -8,7 +8,8 @@ The result goes to RESULT_FILE (written whole, then renamed) because vLLM logs o
 (serving, if the loader serves) until its stdin closes; each line written to its stdin meanwhile,
 ``{"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}``, has it load one more model in the same process
 (same gloo world, new model-parallel groups), which replaces the previous one and its server. A worker whose first
-load fails exits with status 3 once the result is written; a later failed load only writes its result.
+load fails exits with status 3 once the result is written; a later failed load only writes its result. With
+``-`` as MODEL_DIR the worker starts without a model and waits for the first such line.
 
 Compiled CPU ops that this build of vLLM lacks and that model construction needs get a pure-torch stand-in (see
 :func:`register_cpu_op_stand_ins`).
@@ -185,7 +186,7 @@ def main() -> int:
 
     vllm.plugins.load_general_plugins()
     register_cpu_op_stand_ins()
-    if not load_and_report(args.model, json.loads(args.extra), args, args.result):
+    if args.model != "-" and not load_and_report(args.model, json.loads(args.extra), args, args.result):
         return 3
     # stay up (and serving) until the test closes our stdin; each line it writes meanwhile is one more model for
     # this same process to load: {"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}
