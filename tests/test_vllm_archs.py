@@ -1,14 +1,19 @@
 """Every architecture vLLM loads here also loads over the network, bit for bit.
 
-Real vLLM model classes on vLLM's CPU platform, TP=2 over gloo: Phi (through vLLM's Transformers backend, whose
-``lm_head.bias`` exists only when the checkpoint holds one), Qwen2 with tied embeddings, a DeepSeek-V2-shaped
-model (multi-head latent attention, routed and shared experts), Mixtral (mixture of experts) and Gemma. Each
-checkpoint is tiny and random, written by transformers (see tiny_models.py).
+Real vLLM model classes on vLLM's CPU platform, TP=2 over gloo, tiny random checkpoints written by transformers
+(see tiny_models.py): Phi (through vLLM's Transformers backend, whose ``lm_head.bias`` exists only when the
+checkpoint holds one), Qwen2 with tied embeddings, a DeepSeek-V2-shaped model (multi-head latent attention,
+routed and shared experts), Mixtral, Gemma, Gemma 2 (sliding window), Qwen2-MoE, Phi-3, Mamba and Jamba (hybrid).
 
-Two instances of two ranks each load every architecture in turn, in the same four processes: the source from the
-checkpoint (vLLM's default loader), then the new instance from a folder holding only the json files, so only a
-network load can fill it. Every runtime tensor (parameters, buffers, tensors kept as module attributes) must be
-the same on both, bit for bit, under the same names and shapes.
+Two instances of two ranks each load every architecture in turn, in the same four processes (vllm_worker.py): the
+source from the checkpoint (vLLM's default loader), then the new instance from a folder holding only the json
+files, so only a network load can fill it. Every runtime tensor (parameters, buffers, tensors kept as module
+attributes) must be the same on both, bit for bit, under the same names and shapes.
+
+The MoE models (DeepSeek-V2, Mixtral, Qwen2-MoE, Jamba) call ``_C::prepack_moe_weight``, vLLM's compiled CPU op
+that reorders expert weights into its MoE kernel's blocked layout, while processing their weights; this CPU build
+lacks it, so the worker registers a pure-torch stand-in (a plain copy) through ``torch.library`` (see
+``vllm_worker.register_cpu_op_stand_ins``). Both instances run the same stand-in, so the comparison holds.
 """
 
 from __future__ import annotations
