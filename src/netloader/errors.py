@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 class NetloaderError(Exception):
@@ -38,11 +42,15 @@ class IdentityMismatchError(MismatchError):
 
 
 class ManifestMismatchError(MismatchError):
-    """The ordered per-tensor manifests (name, shape, dtype) differ."""
+    """The ordered per-tensor manifests (name, shape, dtype) differ.
 
-    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+    ``source`` is the source's manifest when the source sent one: what a caller may compare its model against.
+    """
+
+    def __init__(self, message: str, differences: list[str] | None = None, source: Manifest | None = None) -> None:
         super().__init__(message)
         self.differences: list[str] = differences or []
+        self.source: Manifest | None = source
 
 
 class TransferError(NetloaderError):

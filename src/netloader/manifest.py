@@ -182,7 +182,7 @@ class Manifest:
             shown = "; ".join(diffs[:5])
             more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
             raise ManifestMismatchError(
-                f"manifest differs from the source's in {len(diffs)} place(s): {shown}{more}", diffs
+                f"manifest differs from the source's in {len(diffs)} place(s): {shown}{more}", diffs, source
             )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from vllm import __version__ as vllm_version
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader import register_model_loader
@@ -33,8 +34,8 @@ from vllm.model_executor.utils import weights_already_processed
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from ..client import LoadReport, load_weights
-from ..errors import NetloaderError
-from ..manifest import Identity, LayoutValue
+from ..errors import ManifestMismatchError, NetloaderError, NoSourceError
+from ..manifest import DTYPES, Identity, LayoutValue, Manifest
 from ..plan import DEFAULT_BUCKET_SIZE
 from ..registry import find_sources_or_reason
 from ..server import WeightServer
@@ -98,9 +99,11 @@ class NetloaderModelLoader(BaseModelLoader):
                 model, outcome.report = self._load_from_sources(vllm_config, model_config, prefix, sources, identity)
                 outcome.path = "network"
             except Exception as exc:
+                outcome.reason = _failure_reason(exc)
                 if not self.config.FALLBACK:
+                    logger.error("netloader: rank %d (%s) could not load over the network: %s", rank, role,
+                                 outcome.reason)
                     raise
-                outcome.reason = f"{type(exc).__name__}: {exc}"
                 logger.warning("netloader: rank %d (%s) could not load over the network, loading from disk: %s",
                                rank, role, outcome.reason)
         if model is None:
@@ -136,9 +139,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 _check_supported(model)
                 # The layout the source runs with: processing is shape-driven, the values are overwritten below.
                 process_weights_after_loading(model, model_config, target_device)
-                report = load_weights(runtime_tensors(model), sources, token=self.config.token(),
-                                      timeout=self.config.TIMEOUT, bucket_size=self.config.bucket_size(),
-                                      progress=False, **identity)
+                report = _receive(model, sources, self.config, identity)
                 # Host-side state derived from weight values (e.g. float copies of scales) is rebuilt from the
                 # received tensors; vLLM skips every tensor transform in this mode.
                 with weights_already_processed():
@@ -148,6 +149,89 @@ class NetloaderModelLoader(BaseModelLoader):
             model = None  # the traceback keeps this frame: it must not keep the half-built model
             _registry_restore(vllm_config, registered)
             raise
+
+
+def _receive(model: nn.Module, sources: list[str], config: NetloaderConfig, identity: dict[str, Any]) -> LoadReport:
+    """Receive every runtime tensor of ``model`` in place.
+
+    The client learns the source's manifest only in the handshake of a load. When every source refused because
+    their manifest holds tensors this model makes only while reading a checkpoint (see
+    :func:`create_checkpoint_dependent_tensors`), those are created and the sources asked once more: one more
+    handshake, and the client's warning about the first refusal stays in the log.
+    """
+
+    def receive() -> LoadReport:
+        return load_weights(runtime_tensors(model), sources, token=config.token(), timeout=config.TIMEOUT,
+                            bucket_size=config.bucket_size(), progress=False, **identity)
+
+    try:
+        return receive()
+    except NoSourceError as exc:
+        # a source that refused with a manifest mismatch sent its manifest first; no byte has moved
+        offered = [err.source for err in exc.failures.values()
+                   if isinstance(err, ManifestMismatchError) and err.source is not None]
+        created = create_checkpoint_dependent_tensors(model, offered[0]) if offered else []
+        if not created:
+            raise
+    logger.info("netloader: rank %s: created %s, which this model makes only while reading a checkpoint that "
+                "holds them (the source's does); asking the sources again", identity["rank"], ", ".join(created))
+    return receive()
+
+
+def create_checkpoint_dependent_tensors(model: nn.Module, source: Manifest) -> list[str]:
+    """Create in ``model`` the tensors of ``source`` that ``model`` declares but creates only while loading.
+
+    vLLM builds a model's tensors in its constructor, but a model class may make some only while reading the
+    checkpoint, and only when the checkpoint holds them: vLLM's Transformers backend (which runs Phi, among others)
+    builds its ``lm_head`` without a bias, declared as an empty slot (``register_parameter("bias", None)``), and
+    its ``load_weights`` fills the slot when it meets ``lm_head.bias`` in the checkpoint. A network load never
+    reads the checkpoint (the new instance may have none), so such a tensor would be missing here.
+
+    What a disk load creates is decided by the checkpoint, and the one fact about it that this instance knows for
+    sure before any byte moves is the source's manifest: the source loaded that checkpoint (or received it from an
+    instance that did). So every tensor the source holds and this model lacks, whose place here is such a declared
+    empty slot (a parameter or buffer registered as ``None`` on an existing module), is created in that slot as
+    the source has it: same shape and dtype, on this model's device, a parameter without gradient or a buffer
+    with the slot's persistence. Its values arrive with all the others. This is sound because the identity check
+    has already pinned the vLLM model class and version (see :func:`_layout`): the same class declares the same
+    slots on both sides, so only the checkpoint can have filled one. Nothing else is created: a tensor with no
+    declared slot here, or tied to another, is left to the manifest check, which stays strict about every name,
+    shape, dtype and tie. The model's own ``load_weights`` cannot make these tensors instead: it wants checkpoint
+    tensors (whole, unsharded), and the manifest only holds this rank's runtime shapes. Returns what it created.
+    """
+    have = runtime_tensors(model)
+    device = next(iter(have.values())).device if have else torch.device("cpu")
+    created: list[str] = []
+    for spec in source.specs:
+        if spec.name in have or spec.tied_to is not None or spec.dtype not in DTYPES:
+            continue
+        module_name, _, attr = spec.name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if attr in module._parameters and module._parameters[attr] is None:
+            empty = torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device)
+            module.register_parameter(attr, nn.Parameter(empty, requires_grad=False))
+        elif attr in module._buffers and module._buffers[attr] is None:
+            empty = torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device)
+            module.register_buffer(attr, empty, persistent=attr not in module._non_persistent_buffers_set)
+        else:
+            continue
+        created.append(f"{spec.name} ({spec.describe()})")
+    return created
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """Why the network path failed, with what to do about a manifest mismatch (recorded in LoadOutcome)."""
+    reason = f"{type(exc).__name__}: {exc}"
+    failures = exc.failures.values() if isinstance(exc, NoSourceError) else [exc]
+    if any(isinstance(err, ManifestMismatchError) for err in failures):
+        reason += (" -- the source holds other tensors than this instance builds (listed before). The source and "
+                   "this instance must run the same model (checkpoint, config and revision) with the same vLLM "
+                   "version and engine arguments (dtype, quantization, parallel sizes); restart one of them so "
+                   "they match.")
+    return reason
 
 
 #: module attributes that hold per-instance state, never weights (the KV cache is bound to attention layers)
@@ -266,7 +350,8 @@ def _vllm_host() -> str:
 
 
 def _layout(vllm_config: VllmConfig, model_config: ModelConfig, role: str) -> dict[str, LayoutValue]:
-    """What decides a rank's shard and its bytes: parallel sizes, dtype, quantization, target or draft."""
+    """What decides a rank's shard and its bytes: parallel sizes, dtype, quantization, target or draft, and the
+    vLLM model class and version (they decide which tensors exist and the layout processing leaves them in)."""
     parallel = vllm_config.parallel_config
     layout: dict[str, LayoutValue] = {
         "tp": parallel.tensor_parallel_size,
@@ -276,6 +361,8 @@ def _layout(vllm_config: VllmConfig, model_config: ModelConfig, role: str) -> di
         "dtype": str(model_config.dtype).removeprefix("torch."),
         "quantization": str(model_config.quantization or "none"),
         "role": role,
+        "architecture": model_config.architecture,
+        "vllm": vllm_version,
     }
     if parallel.enable_expert_parallel:
         layout["dp_rank"] = parallel.data_parallel_rank
@@ -350,4 +437,11 @@ def register() -> None:
     _registered = True
 
 
-__all__ = ["LOAD_FORMAT", "LoadOutcome", "NetloaderModelLoader", "register", "runtime_tensors"]
+__all__ = [
+    "LOAD_FORMAT",
+    "LoadOutcome",
+    "NetloaderModelLoader",
+    "create_checkpoint_dependent_tensors",
+    "register",
+    "runtime_tensors",
+]
