@@ -48,6 +48,7 @@ def main() -> int:
             max_running_requests=8,
             disable_cuda_graph=True,
             random_seed=0,
+            sleep_on_idle=True,  # an idle scheduler otherwise polls without pause: a core per rank
             log_level="info",
             **kwargs,
         )
