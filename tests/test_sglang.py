@@ -126,11 +126,15 @@ class Instance:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def stop(self) -> None:
+        """Ask the worker to shut its engine down (it does when its stdin closes)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
     def close(self) -> list[int]:
         """Shut the engine down; return the pids of its processes still alive afterwards (none, we assert)."""
         children = (self._result or {}).get("child_pids", [])
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+        self.stop()
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -202,6 +206,8 @@ def engines(
         started["fallback"] = Instance(workdir, "fallback", checkpoint, {
             "MODEL": MODEL, "SOURCE": [{"device_id": rank, "sources": [dead]} for rank in range(2)],
             "TIMEOUT": 10, "OUTPUT_PREFIX": str(workdir / "fallback-rank")}, tp=2)
+        # refused in the launcher, before any scheduler process starts
+        started["bad-config"] = Instance(workdir, "bad-config", checkpoint, {"MODEL": MODEL, "listen_port": 9000})
         disk = started["disk"].started()["ranks"]["0"]["outcome"]["served_at"]
         fallback = [started["fallback"].rank(rank)["outcome"]["served_at"] for rank in range(2)]
         started["network"] = Instance(workdir, "network", no_weights, {
@@ -212,6 +218,8 @@ def engines(
             "SOURCE": [{"device_id": rank, "sources": [fallback[rank]]} for rank in range(2)]}, tp=2)
         yield started
     finally:
+        for instance in started.values():  # all shut down at once, then each is waited for
+            instance.stop()
         leaked = {name: instance.close() for name, instance in started.items()}
         assert not any(leaked.values()), f"engine processes outlived their shutdown: {leaked}"
 
@@ -283,6 +291,18 @@ def test_tp2_instance_loads_each_rank_from_its_counterpart_and_generates_the_sam
         assert got["outcome"]["served_at"] is None  # SERVE false
         assert got["shapes"] == expected["shapes"] and got["digests"] == expected["digests"]
     assert instance.started()["tokens"] == source.started()["tokens"]
+
+
+def test_bad_config_stops_the_engine_before_it_starts_naming_the_key(engines: dict[str, Instance]) -> None:
+    instance = engines["bad-config"]
+    result = instance.result()
+    assert result["error"] == "ConfigError", result
+    assert "unknown key 'listen_port'" in result["message"] and "did you mean 'LISTEN_PORT'" in result["message"]
+    assert instance.proc.wait(timeout=60) == 3
+    # the launcher raised it (a scheduler's failure kills the launcher, which then writes no result) and no
+    # scheduler process began (each logs "Init parallel begin")
+    assert "Init parallel begin" not in instance.log_text()
+    assert "Init parallel begin" in engines["disk"].log_text()
 
 
 CHECK_SCRIPT = """

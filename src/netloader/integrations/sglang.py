@@ -15,6 +15,7 @@ model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is fal
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -27,7 +28,7 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
 from ..client import LoadReport, load_weights
-from ..errors import NetloaderError
+from ..errors import ConfigError, NetloaderError
 from ..manifest import LayoutValue
 from .common import LoadOutcome, global_rank, layout, release_memory, runtime_tensors, serve
 from .config import NetloaderConfig, parse_config
@@ -38,6 +39,11 @@ LOAD_FORMAT = "netloader"
 ENGINE = "sglang"
 #: what register() wraps: LoadConfig's check of ``load_format`` (it accepts a loader class as is)
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
+#: ... and the launcher's check of its arguments, to refuse a bad config before any scheduler process starts
+#: (``ServerArgs`` is a msgspec struct: a hook on its ``__post_init__`` would never run)
+SERVER_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.check_server_args"
+#: ``--model-loader-extra-config`` longer than this is refused (it is a small JSON object)
+MAX_EXTRA_CONFIG = 1 << 20
 
 
 class NetloaderModelLoader(BaseModelLoader):
@@ -62,9 +68,11 @@ class NetloaderModelLoader(BaseModelLoader):
         draft = bool(getattr(model_config, "is_draft_model", False))
         rank = global_rank()
         role = "draft" if draft else "target"
-        sources = self.config.sources_for(rank, draft=draft)
         identity: dict[str, Any] = {"model_id": self.config.MODEL or model_config.model_path, "rank": rank,
                                     "layout": sglang_layout(model_config, role)}
+        # The registry (issue 8, the config's coming REGISTRY key) plugs in here: with no SOURCE entry for this
+        # rank, it names the instances serving `identity`; after `serve` below, it records `outcome.served_at`.
+        sources = self.config.sources_for(rank, draft=draft)
         model: nn.Module | None = None
         outcome = LoadOutcome("disk", role, rank)
         if not sources:
@@ -153,6 +161,26 @@ def _verify_load_format(original: Any, load_config: LoadConfig, *args: Any, **kw
     return original(load_config, *args, **kwargs)
 
 
+def _check_server_args(result: Any, server_args: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on ``ServerArgs.check_server_args``: with ``--load-format netloader``, validate the extra config in
+    the launcher, so that a bad key stops the launch with an error naming it before any scheduler starts."""
+    formats = (getattr(server_args, "load_format", None), getattr(server_args, "speculative_draft_load_format", None))
+    if any(isinstance(f, str) and f.lower() == LOAD_FORMAT for f in formats):
+        parse_config(_extra_config(getattr(server_args, "model_loader_extra_config", None)))
+    return result
+
+
+def _extra_config(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if len(value) > MAX_EXTRA_CONFIG:
+        raise ConfigError(f"--model-loader-extra-config is longer than {MAX_EXTRA_CONFIG} characters")
+    try:
+        return json.loads(value) if value.strip() else {}
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"--model-loader-extra-config is not valid JSON: {exc}") from None
+
+
 _registered = False
 
 
@@ -167,6 +195,7 @@ def register() -> None:
     if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
         add_load_format_choices([LOAD_FORMAT])
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
+    HookRegistry.register(SERVER_ARGS_TARGET, _check_server_args, HookType.AFTER)
     _registered = True
 
 
