@@ -360,7 +360,7 @@ def test_valid_configs_give_the_netloader_loader(config_checks: list[dict[str, A
 
 
 def test_importing_netloader_never_imports_sglang(workdir: Path) -> None:
-    code = ("import sys, netloader, netloader.integrations.config, netloader.integrations.common; "
-            "assert 'sglang' not in sys.modules, 'sglang imported'")
+    code = ("import sys, netloader, netloader.integrations.config, netloader.integrations.common, "
+            "netloader.integrations.sglang_plugin; assert 'sglang' not in sys.modules, 'sglang imported'")
     subprocess.run([str(SGLANG_PYTHON), "-c", code], check=True, env={**ENV, "PYTHONPATH": ""}, timeout=120)
     assert sys.executable != str(SGLANG_PYTHON)  # the tests themselves run in the other environment

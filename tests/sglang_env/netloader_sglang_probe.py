@@ -43,7 +43,7 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
         return result
     import torch
 
-    from netloader.integrations.sglang import is_registered
+    from netloader.integrations.sglang_plugin import is_registered
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     loader = getattr(runner, "loader", None)

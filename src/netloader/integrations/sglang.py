@@ -1,9 +1,4 @@
-"""SGLang integration: ``--load-format netloader``.
-
-SGLang runs :func:`register` in every process it starts (launcher, engine, each scheduler, detokenizer) through the
-``sglang.srt.plugins`` entry point. SGLang has no loader registry: :func:`register` adds ``netloader`` to the
-``--load-format`` choices and wraps ``LoadConfig._verify_load_format`` so that the string ``"netloader"`` becomes
-:class:`NetloaderModelLoader`, which SGLang's ``get_model_loader`` instantiates as it does any loader class.
+"""SGLang integration: the loader behind ``--load-format netloader`` (registered by :mod:`.sglang_plugin`).
 
 A rank with sources builds its model the way SGLang's default loader does, runs the model's post-load step and each
 quantization method's ``process_weights_after_loading`` to reach the layout the source runs with, then receives
@@ -15,7 +10,6 @@ model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is fal
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
@@ -28,22 +22,15 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
 from ..client import LoadReport, load_weights
-from ..errors import ConfigError, NetloaderError
+from ..errors import NetloaderError
 from ..manifest import LayoutValue
 from .common import LoadOutcome, global_rank, layout, release_memory, runtime_tensors, serve
 from .config import NetloaderConfig, parse_config
+from .sglang_plugin import LOAD_FORMAT
 
 logger = logging.getLogger("netloader")
 
-LOAD_FORMAT = "netloader"
 ENGINE = "sglang"
-#: what register() wraps: LoadConfig's check of ``load_format`` (it accepts a loader class as is)
-VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
-#: ... and the launcher's check of its arguments, to refuse a bad config before any scheduler process starts
-#: (``ServerArgs`` is a msgspec struct: a hook on its ``__post_init__`` would never run)
-SERVER_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.check_server_args"
-#: ``--model-loader-extra-config`` longer than this is refused (it is a small JSON object)
-MAX_EXTRA_CONFIG = 1 << 20
 
 
 class NetloaderModelLoader(BaseModelLoader):
@@ -152,59 +139,4 @@ def _sglang_host() -> str:
     return get_local_ip_auto("127.0.0.1")
 
 
-def _verify_load_format(original: Any, load_config: LoadConfig, *args: Any, **kwargs: Any) -> Any:
-    """AROUND hook on ``LoadConfig._verify_load_format``: ``"netloader"`` becomes the loader class."""
-    value = load_config.load_format
-    if isinstance(value, str) and not isinstance(value, LoadFormat) and value.lower() == LOAD_FORMAT:
-        load_config.load_format = NetloaderModelLoader
-        return None
-    return original(load_config, *args, **kwargs)
-
-
-def _check_server_args(result: Any, server_args: Any, *args: Any, **kwargs: Any) -> Any:
-    """AFTER hook on ``ServerArgs.check_server_args``: with ``--load-format netloader``, validate the extra config in
-    the launcher, so that a bad key stops the launch with an error naming it before any scheduler starts."""
-    formats = (getattr(server_args, "load_format", None), getattr(server_args, "speculative_draft_load_format", None))
-    if any(isinstance(f, str) and f.lower() == LOAD_FORMAT for f in formats):
-        parse_config(_extra_config(getattr(server_args, "model_loader_extra_config", None)))
-    return result
-
-
-def _extra_config(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    if len(value) > MAX_EXTRA_CONFIG:
-        raise ConfigError(f"--model-loader-extra-config is longer than {MAX_EXTRA_CONFIG} characters")
-    try:
-        return json.loads(value) if value.strip() else {}
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(f"--model-loader-extra-config is not valid JSON: {exc}") from None
-
-
-_registered = False
-
-
-def register() -> None:
-    """The ``sglang.srt.plugins`` entry point: make ``--load-format netloader`` valid (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES, add_load_format_choices
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
-        add_load_format_choices([LOAD_FORMAT])
-    HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
-    HookRegistry.register(SERVER_ARGS_TARGET, _check_server_args, HookType.AFTER)
-    _registered = True
-
-
-def is_registered() -> bool:
-    """Whether this process accepts ``--load-format netloader`` (a failed ``register`` is only logged by SGLang)."""
-    from sglang.srt.configs.load_config import LoadConfig
-
-    return isinstance(LoadConfig(load_format=LOAD_FORMAT).load_format, type)
-
-
-__all__ = ["ENGINE", "LOAD_FORMAT", "LoadOutcome", "NetloaderModelLoader", "is_registered", "register",
-           "sglang_layout"]
+__all__ = ["ENGINE", "LOAD_FORMAT", "LoadOutcome", "NetloaderModelLoader", "sglang_layout"]
