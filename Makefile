@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.netloader-setup
+# SGLang gets its own environment: its pins (compressed-tensors, triton, …) differ from vLLM's test environment's.
+SGL_VENV := .venv-sglang
+SGL_PY := $(SGL_VENV)/bin/python
+SGL_STAMP := $(SGL_VENV)/.netloader-setup
 
 .PHONY: setup redis-server demo test lint bench clean
 
-setup: redis-server $(STAMP)
+setup: redis-server $(STAMP) $(SGL_STAMP)
 
 # torch==2.13.0 goes in first: on this kind of machine it resolves to a local CPU wheel, while an unpinned
 # torch would pull several GB of CUDA packages. The package itself only asks for a range (torch>=2.4).
@@ -43,6 +47,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
+# The SGLang plugin's tests (tests/test_sglang.py, run by the pytest above) start real SGLang 0.5.23 engines on CPU
+# with .venv-sglang's python. torch stays at 2.13.0 through a constraints file (an unpinned dependency would pull
+# torch 2.14.1 and 6 GB of CUDA packages); SGLang goes in without its dependencies (its metadata pins a CUDA torch
+# and GPU kernels), followed by what its engine imports on CPU, at the versions SGLang pins where it pins them.
+SGLANG_PIN := sglang==0.5.23
+SGLANG_CPU_DEPS := "transformers==5.19.0" "compressed-tensors==0.18.0" "apache-tvm-ffi==0.1.11" \
+	"sentencepiece==0.2.1" "xgrammar==0.2.7" "openai==2.8.0" triton safetensors tqdm regex psutil pydantic msgspec \
+	pyzmq pyyaml requests einops filelock prometheus_client aiohttp pillow pybase64 uvloop fastapi uvicorn orjson \
+	partial_json_parser python-multipart setproctitle numpy scipy interegular packaging ipython dill gguf
+
+$(SGL_STAMP): pyproject.toml Makefile
+	test -x $(SGL_PY) || $(PYTHON) -m venv $(SGL_VENV)
+	echo "torch==2.13.0" > $(SGL_VENV)/constraints.txt
+	$(SGL_PY) -m pip install --quiet --upgrade pip
+	$(SGL_PY) -m pip install --quiet -c $(SGL_VENV)/constraints.txt torch==2.13.0
+	$(SGL_PY) -m pip install --quiet -c $(SGL_VENV)/constraints.txt -e .
+	$(SGL_PY) -m pip install --quiet --no-deps $(SGLANG_PIN)
+	$(SGL_PY) -m pip install --quiet -c $(SGL_VENV)/constraints.txt $(SGLANG_CPU_DEPS)
+	$(SGL_PY) -c "import torch, sglang; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(SGL_STAMP)
+
 demo: setup
 	$(PY) -m netloader demo
 
@@ -57,4 +82,4 @@ bench: setup
 	$(PY) -m netloader bench --out bench/results --markdown BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
