@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ..client import LoadReport
-from ..manifest import LayoutValue
+from ..errors import ManifestMismatchError, NoSourceError
+from ..manifest import Identity, LayoutValue
 from ..plan import DEFAULT_BUCKET_SIZE
+from ..registry import find_sources_or_reason
 from ..server import WeightServer
 from .config import NetloaderConfig
 
@@ -72,7 +74,11 @@ def layout(
     }
 
 
-def runtime_tensors(model: nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+#: module attributes that hold per-instance state, never weights (vLLM binds the KV cache to attention layers)
+NOT_WEIGHTS = frozenset({"kv_cache"})
+
+
+def runtime_tensors(model: nn.Module, skip: Collection[str] = NOT_WEIGHTS) -> dict[str, torch.Tensor]:
     """Every tensor ``model`` runs with, by name: parameters, buffers, then tensors that quantization methods,
     attention back-ends or a model's post-load step keep as plain module attributes.
 
@@ -98,6 +104,30 @@ def runtime_tensors(model: nn.Module, skip: Collection[str] = ()) -> dict[str, t
         if name not in named:
             named[name] = extra[name]
     return {n: t for n, t in named.items() if t.device.type != "meta" and t.device.type == (device_type or "cpu")}
+
+
+def resolve_sources(config: NetloaderConfig, identity: dict[str, object], *, draft: bool) -> tuple[list[str], str]:
+    """The sources this rank tries: its ``SOURCE`` (or ``DRAFT_SOURCE``) entry, else, with a ``REGISTRY``, the live
+    sources of exactly its identity (each rank looks up its own). With none, also why (for the load's outcome)."""
+    rank = int(identity["rank"])  # type: ignore[call-overload]
+    sources = config.sources_for(rank, draft=draft)
+    reason = f"no {'DRAFT_SOURCE' if draft and config.DRAFT_SOURCE is not None else 'SOURCE'} entry for rank {rank}"
+    if not sources and config.REGISTRY:
+        sources, why = find_sources_or_reason(config.REGISTRY, Identity.build(**identity))  # type: ignore[arg-type]
+        reason += f"; {why}"
+    return sources, reason
+
+
+def failure_reason(exc: BaseException, engine: str) -> str:
+    """Why the network path failed, with what to do about a manifest mismatch (recorded in LoadOutcome)."""
+    reason = f"{type(exc).__name__}: {exc}"
+    failures = exc.failures.values() if isinstance(exc, NoSourceError) else [exc]
+    if any(isinstance(err, ManifestMismatchError) for err in failures):
+        reason += (" -- the source holds other tensors than this instance builds (listed before). The source and "
+                   f"this instance must run the same model (checkpoint, config and revision) with the same {engine} "
+                   "version and engine arguments (dtype, quantization, parallel sizes); restart one of them so "
+                   "they match.")
+    return reason
 
 
 def release_memory() -> None:
@@ -137,6 +167,7 @@ def serve(
             max_concurrent=config.MAX_CONCURRENT,
             timeout=config.TIMEOUT,
             bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
+            registry=config.REGISTRY,
             **identity,  # type: ignore[arg-type]
         )
         with _servers_lock:
@@ -189,11 +220,14 @@ def write_atomically(path: str, text: str) -> None:
 
 
 __all__ = [
+    "NOT_WEIGHTS",
     "LoadOutcome",
     "close_servers",
+    "failure_reason",
     "global_rank",
     "layout",
     "release_memory",
+    "resolve_sources",
     "runtime_tensors",
     "serve",
     "write_atomically",

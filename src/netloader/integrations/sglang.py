@@ -24,7 +24,16 @@ from torch import nn
 from ..client import LoadReport, load_weights
 from ..errors import NetloaderError
 from ..manifest import LayoutValue
-from .common import LoadOutcome, global_rank, layout, release_memory, runtime_tensors, serve
+from .common import (
+    LoadOutcome,
+    failure_reason,
+    global_rank,
+    layout,
+    release_memory,
+    resolve_sources,
+    runtime_tensors,
+    serve,
+)
 from .config import NetloaderConfig, parse_config
 from .sglang_plugin import LOAD_FORMAT
 
@@ -57,21 +66,21 @@ class NetloaderModelLoader(BaseModelLoader):
         role = "draft" if draft else "target"
         identity: dict[str, Any] = {"model_id": self.config.MODEL or model_config.model_path, "rank": rank,
                                     "layout": sglang_layout(model_config, role)}
-        # The registry (issue 8, the config's coming REGISTRY key) plugs in here: with no SOURCE entry for this
-        # rank, it names the instances serving `identity`; after `serve` below, it records `outcome.served_at`.
-        sources = self.config.sources_for(rank, draft=draft)
+        sources, reason = resolve_sources(self.config, identity, draft=draft)
         model: nn.Module | None = None
         outcome = LoadOutcome("disk", role, rank)
         if not sources:
-            outcome.reason = f"no SOURCE entry for rank {rank}"
+            outcome.reason = reason
         else:
             try:
                 model, outcome.report = self._load_from_sources(model_config, device_config, sources, identity)
                 outcome.path = "network"
             except Exception as exc:
+                outcome.reason = failure_reason(exc, ENGINE)
                 if not self.config.FALLBACK:
+                    logger.error("netloader: rank %d (%s) could not load over the network: %s", rank, role,
+                                 outcome.reason)
                     raise
-                outcome.reason = f"{type(exc).__name__}: {exc}"
                 logger.warning("netloader: rank %d (%s) could not load over the network, loading from disk: %s",
                                rank, role, outcome.reason)
         if model is None:

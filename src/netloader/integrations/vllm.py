@@ -10,14 +10,9 @@ Whichever path loaded the model, a :class:`netloader.WeightServer` then serves i
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
-import gc
 import logging
-import os
-import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,27 +30,23 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from ..client import LoadReport, load_weights
 from ..errors import ManifestMismatchError, NetloaderError, NoSourceError
-from ..manifest import DTYPES, Identity, LayoutValue, Manifest
-from ..plan import DEFAULT_BUCKET_SIZE
-from ..registry import find_sources_or_reason
-from ..server import WeightServer
+from ..manifest import DTYPES, LayoutValue, Manifest
+from .common import (
+    LoadOutcome,
+    failure_reason,
+    global_rank,
+    layout,
+    release_memory,
+    resolve_sources,
+    runtime_tensors,
+    serve,
+)
 from .config import NetloaderConfig, parse_config
 
 logger = logging.getLogger("netloader")
 
 LOAD_FORMAT = "netloader"
-
-
-@dataclasses.dataclass
-class LoadOutcome:
-    """How the last :meth:`NetloaderModelLoader.load_model` went (also logged)."""
-
-    path: str  # "network" or "disk"
-    role: str  # "target" or "draft"
-    rank: int
-    report: LoadReport | None = None
-    reason: str | None = None  # why the network path was not taken or failed
-    served_at: str | None = None  # the address this rank serves on, if it serves
+ENGINE = "vllm"
 
 
 class NetloaderModelLoader(BaseModelLoader):
@@ -81,17 +72,13 @@ class NetloaderModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         draft = model_config.runner_type == "draft"
-        rank = _global_rank()
+        rank = global_rank()
         role = "draft" if draft else "target"
-        sources = self.config.sources_for(rank, draft=draft)
         identity = {"model_id": self.config.MODEL or model_config.model, "rank": rank,
                     "layout": _layout(vllm_config, model_config, role)}
+        sources, reason = resolve_sources(self.config, identity, draft=draft)
         model: nn.Module | None = None
         outcome = LoadOutcome("disk", role, rank)
-        reason = f"no SOURCE entry for rank {rank}"
-        if not sources and self.config.REGISTRY:  # each rank looks up its own identity
-            sources, why = find_sources_or_reason(self.config.REGISTRY, Identity.build(**identity))
-            reason += f"; {why}"
         if not sources:
             outcome.reason = reason
         else:
@@ -99,7 +86,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 model, outcome.report = self._load_from_sources(vllm_config, model_config, prefix, sources, identity)
                 outcome.path = "network"
             except Exception as exc:
-                outcome.reason = _failure_reason(exc)
+                outcome.reason = failure_reason(exc, ENGINE)
                 if not self.config.FALLBACK:
                     logger.error("netloader: rank %d (%s) could not load over the network: %s", rank, role,
                                  outcome.reason)
@@ -107,15 +94,15 @@ class NetloaderModelLoader(BaseModelLoader):
                 logger.warning("netloader: rank %d (%s) could not load over the network, loading from disk: %s",
                                rank, role, outcome.reason)
         if model is None:
-            gc.collect()  # the failed attempt's tensors (its traceback is gone now) before the disk loader allocates
-            _empty_cache()
+            release_memory()
             with _accelerator_guard():
                 model = self._disk.load_model(vllm_config, model_config, prefix)
         if self.config.SERVE and model_config.enable_sleep_mode:
             # a sleeping instance releases its weights' device memory under the tensors a server would read
             logger.warning("netloader: rank %d does not serve its weights: sleep mode is enabled", rank)
         elif self.config.SERVE:
-            outcome.served_at = _serve(model, self.config, identity, rank=rank, draft=draft)
+            outcome.served_at = serve(runtime_tensors(model), self.config, identity, rank=rank, draft=draft,
+                                      host=self.config.LISTEN_HOST or _vllm_host(), engine=ENGINE)
         self.outcome = outcome
         return model
 
@@ -222,127 +209,7 @@ def create_checkpoint_dependent_tensors(model: nn.Module, source: Manifest) -> l
     return created
 
 
-def _failure_reason(exc: BaseException) -> str:
-    """Why the network path failed, with what to do about a manifest mismatch (recorded in LoadOutcome)."""
-    reason = f"{type(exc).__name__}: {exc}"
-    failures = exc.failures.values() if isinstance(exc, NoSourceError) else [exc]
-    if any(isinstance(err, ManifestMismatchError) for err in failures):
-        reason += (" -- the source holds other tensors than this instance builds (listed before). The source and "
-                   "this instance must run the same model (checkpoint, config and revision) with the same vLLM "
-                   "version and engine arguments (dtype, quantization, parallel sizes); restart one of them so "
-                   "they match.")
-    return reason
-
-
-#: module attributes that hold per-instance state, never weights (the KV cache is bound to attention layers)
-_NOT_WEIGHTS = frozenset({"kv_cache"})
-
-
-def runtime_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor ``model`` runs with, by name: parameters, buffers, then tensors that quantization methods or
-    attention back-ends keep as plain module attributes after ``process_weights_after_loading``.
-
-    Tensors on another device type than the parameters (host copies of device scales), meta tensors and the KV
-    cache are state that vLLM rebuilds or allocates, not weights, and are left out.
-    """
-    named: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        named[name] = param
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        if buffer is not None:
-            named.setdefault(name, buffer)
-    device_type = next((t.device.type for t in named.values() if t.device.type != "meta"), None)
-    extra: dict[str, torch.Tensor] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for attr, value in vars(module).items():
-            if attr in _NOT_WEIGHTS:
-                continue
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                name = f"{module_name}.{attr}" if module_name else attr
-                extra.setdefault(name, value)
-    for name in sorted(extra):
-        if name not in named:
-            named[name] = extra[name]
-    return {n: t for n, t in named.items() if t.device.type != "meta" and t.device.type == (device_type or "cpu")}
-
-
-# -- serving -------------------------------------------------------------------------------------------------------
-_servers: dict[tuple[str, int], WeightServer] = {}
-_servers_lock = threading.Lock()
-
-
-def _serve(
-    model: nn.Module, config: NetloaderConfig, identity: dict[str, Any], *, rank: int, draft: bool
-) -> str | None:
-    """Start (or replace) this rank's WeightServer and write its OUTPUT_PREFIX file. Never raises."""
-    key = ("draft" if draft else "target", rank)
-    try:
-        host = config.LISTEN_HOST or _vllm_host()
-        server = WeightServer(
-            runtime_tensors(model),
-            host=host,
-            port=config.listen_port(rank, draft=draft),
-            token=config.token(),
-            max_concurrent=config.MAX_CONCURRENT,
-            timeout=config.TIMEOUT,
-            bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
-            registry=config.REGISTRY,
-            **identity,
-        )
-        with _servers_lock:
-            old = _servers.pop(key, None)
-            if old is not None:
-                old.close()
-            server.start()
-            _servers[key] = server
-        address = server.address
-        path = config.output_path(rank, draft=draft)
-        if path is not None:
-            _write_atomically(path, address + "\n")
-        logger.info("netloader: rank %d (%s) serves its weights on %s%s", rank, key[0], address,
-                    f" (written to {path})" if path else "")
-        return address
-    except Exception as exc:  # the server is a courtesy to the next instance; never fail this one
-        logger.error("netloader: rank %d (%s) does not serve its weights: %s: %s", rank, key[0],
-                     type(exc).__name__, exc)
-        return None
-
-
-def _close_servers() -> None:
-    with _servers_lock:
-        servers = list(_servers.values())
-        _servers.clear()
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.close()
-
-
-atexit.register(_close_servers)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".netloader-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # -- vLLM facts ----------------------------------------------------------------------------------------------------
-def _global_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def _vllm_host() -> str:
     from vllm.utils.network_utils import get_ip
 
@@ -353,20 +220,12 @@ def _layout(vllm_config: VllmConfig, model_config: ModelConfig, role: str) -> di
     """What decides a rank's shard and its bytes: parallel sizes, dtype, quantization, target or draft, and the
     vLLM model class and version (they decide which tensors exist and the layout processing leaves them in)."""
     parallel = vllm_config.parallel_config
-    layout: dict[str, LayoutValue] = {
-        "tp": parallel.tensor_parallel_size,
-        "pp": parallel.pipeline_parallel_size,
-        "dp": parallel.data_parallel_size,
-        "ep": int(bool(parallel.enable_expert_parallel)),
-        "dtype": str(model_config.dtype).removeprefix("torch."),
-        "quantization": str(model_config.quantization or "none"),
-        "role": role,
-        "architecture": model_config.architecture,
-        "vllm": vllm_version,
-    }
+    extra: dict[str, LayoutValue] = {"engine": ENGINE, "architecture": model_config.architecture, "vllm": vllm_version}
     if parallel.enable_expert_parallel:
-        layout["dp_rank"] = parallel.data_parallel_rank
-    return layout
+        extra["dp_rank"] = parallel.data_parallel_rank
+    return layout(tp=parallel.tensor_parallel_size, pp=parallel.pipeline_parallel_size,
+                  dp=parallel.data_parallel_size, ep=int(bool(parallel.enable_expert_parallel)),
+                  dtype=model_config.dtype, quantization=model_config.quantization, role=role, **extra)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -398,11 +257,6 @@ def _registry_restore(vllm_config: VllmConfig, snapshot: dict[str, Any]) -> None
         current = getattr(compilation, attr)
         current.clear()
         current.update(value) if isinstance(current, dict) else current.extend(value)
-
-
-def _empty_cache() -> None:
-    if torch.accelerator.current_accelerator() is not None:
-        torch.accelerator.empty_cache()
 
 
 @contextlib.contextmanager
