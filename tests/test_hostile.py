@@ -82,7 +82,7 @@ def test_garbage_before_authentication_is_dropped(hostile_source):
 def test_malformed_requests_after_authentication_are_refused(hostile_source):
     src = hostile_source
     baseline = src.idle_stats()
-    good = {"type": "load", "model_id": "test-model", "rank": 0, "layout": {}, "backend": "gloo"}
+    good = {"type": "load", "model_id": "test-model", "rank": 0, "layout": {}, "backend": "streams"}
     bad_requests = [
         {**good, "rank": -1},
         {**good, "rank": "0"},
@@ -112,7 +112,7 @@ def test_malformed_requests_after_authentication_are_refused(hostile_source):
 def test_backend_mismatch_is_refused_before_the_manifest(hostile_source):
     sock = rawpeer.authenticate(hostile_source.address, token="tok")
     P.send_message(sock, P.Load(model_id="test-model", rank=0, layout={}, backend="nccl"), timeout=5)
-    with pytest.raises(P.RemoteError, match="backend mismatch") as info:
+    with pytest.raises(P.RemoteError, match="transport mismatch") as info:
         P.expect(P.read_message(sock, timeout=5), P.ManifestMsg)
     assert info.value.code == "mismatch"
     sock.close()
@@ -177,14 +177,14 @@ def test_probe_reports_what_the_source_serves(source):
     assert info.model_id == "test-model" and info.rank == 3 and dict(info.layout) == {"pp": 2, "tp": 4}
     assert info.tensors == len(tensors)
     assert info.bytes == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert info.active_transfers == 0 and info.max_concurrent == 2 and info.backend == "gloo"
+    assert info.active_transfers == 0 and info.max_concurrent == 2 and info.backend == "streams"
 
 
 def test_busy_source_answers_at_once_and_the_client_moves_on(source):
     busy = source("mixed", seed=8, max_concurrent=1)
     spare = source("mixed", seed=8)
     holder = rawpeer.authenticate(busy.address)  # takes the only transfer slot and sits on the manifest
-    P.send_message(holder, P.Load(model_id="test-model", rank=0, layout={}, backend="gloo"), timeout=5)
+    P.send_message(holder, P.Load(model_id="test-model", rank=0, layout={}, backend="streams"), timeout=5)
     P.expect(P.read_message(holder, timeout=5), P.ManifestMsg)
     assert netloader.probe(busy.address).active_transfers == 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import os
 import select
 import socket
 import struct
@@ -67,6 +68,7 @@ class Channel:
         self._error: str | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._wake_r, self._wake_w = os.pipe()  # wakes the reader's select at close
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -81,13 +83,20 @@ class Channel:
 
     def close(self) -> None:
         """Stop both threads (they notice within 0.2 s); the socket itself belongs to the caller."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         with self._cv:
             self._cv.notify_all()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(2.0)
         self._threads.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> Channel:
         return self.start()
@@ -127,7 +136,9 @@ class Channel:
         frame_started: float | None = None
         try:
             while not self._stopping.is_set():
-                readable, _, _ = select.select([self.sock], [], [], 0.2)
+                readable, _, _ = select.select([self.sock, self._wake_r], [], [], 0.2)
+                if self._stopping.is_set():
+                    return
                 now = time.monotonic()
                 if frame_started is not None and now - frame_started > self.timeout:
                     raise ProtocolError(f"the {self.peer} did not send a whole control message in time")
