@@ -381,3 +381,32 @@ def _load_is_bit_exact_kind(address: str, kind: str, seed: int, **kwargs: object
     netloader.load_weights(model, [address], model_id="test-model", **kwargs)  # type: ignore[arg-type]
     expected = named(build(kind, seed))
     assert all(bytes_equal(t, expected[n]) for n, t in named(model).items())
+
+
+def test_data_connections_that_repeat_or_never_come_are_refused_and_the_slot_comes_back(source):
+    src = source("mixed", seed=8, handshake_timeout=2.0, max_concurrent=1)
+    ctl = rawpeer.authenticate(src.address)
+    P.send_message(ctl, P.Load(model_id="test-model", rank=0, layout={}, backend="streams"), timeout=5)
+    P.expect(P.read_message(ctl, timeout=10), P.ManifestMsg)
+    P.send_message(ctl, P.Ready(), timeout=5)
+    rendezvous = P.expect(P.read_message(ctl, timeout=10), P.Rendezvous)
+    first = rawpeer.authenticate(src.address)
+    P.send_message(first, P.Attach(transfer=rendezvous.transfer, stream=0), timeout=5)
+    assert P.expect(P.read_message(first, timeout=10), P.Attached).stream == 0
+    again = rawpeer.authenticate(src.address)  # the same stream a second time
+    P.send_message(again, P.Attach(transfer=rendezvous.transfer, stream=0), timeout=5)
+    data, _ = rawpeer.read_until_closed(again)
+    assert b"attached" not in data
+    # stream 1 never comes: the source gives the transfer up at its handshake deadline and frees the slot
+    deadline = time.monotonic() + 30
+    while src.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert src.stats()["active"] == 0
+    late = rawpeer.authenticate(src.address)  # the id died with its transfer
+    P.send_message(late, P.Attach(transfer=rendezvous.transfer, stream=1), timeout=5)
+    with pytest.raises(P.RemoteError, match="no such transfer"):
+        P.expect(P.read_message(late, timeout=10), P.Attached)
+    for sock in (ctl, first, again, late):
+        sock.close()
+    assert "did not attach" in src.log_text()
+    _load_is_bit_exact(src.address, 8)

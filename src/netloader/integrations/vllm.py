@@ -133,6 +133,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 process_weights_after_loading(model, model_config, target_device)
                 report = load_weights(runtime_tensors(model), sources, token=self.config.token(),
                                       timeout=self.config.TIMEOUT, bucket_size=self.config.bucket_size(),
+                                      heartbeat_timeout=self.config.HEARTBEAT_TIMEOUT,
                                       progress=False, **identity)
                 # Host-side state derived from weight values (e.g. float copies of scales) is rebuilt from the
                 # received tensors; vLLM skips every tensor transform in this mode.
@@ -196,6 +197,7 @@ def _serve(
             token=config.token(),
             max_concurrent=config.MAX_CONCURRENT,
             timeout=config.TIMEOUT,
+            heartbeat_timeout=config.HEARTBEAT_TIMEOUT,
             bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
             **identity,
         )
