@@ -68,6 +68,10 @@ def test_killed_source_is_resumed_from_the_next_source(source):
     assert report.resumed_at > 0  # did not start over
     total = sum(t.numel() * t.element_size() for t in named(model).values())
     assert report.bytes < 0.7 * total
+    # what arrived stayed: kept + fetched again covers the model, and little of it was fetched twice
+    assert report.resumed_bytes + report.bytes == total
+    assert report.resumed_bytes >= 0.3 * total
+    assert report.refetched_bytes <= 0.1 * total
     assert _bit_exact(model, 1)
 
 
