@@ -366,7 +366,8 @@ def _load_from(
                 with contextlib.suppress(NetloaderError):
                     channel.send(Done(ok=False, bytes=0, message=str(exc)[:16000]))
                 raise
-    assert len(completed) == len(sequence)
+    if len(completed) != len(sequence):  # cannot happen: every message either completes or raises
+        raise TransferError(f"{len(sequence) - len(completed)} messages did not arrive")
     report.seconds = time.perf_counter() - started
     logger.info(
         "netloader: %s%s", report,

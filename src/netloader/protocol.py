@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import select
 import socket
 import struct
 import time
@@ -393,12 +392,3 @@ def tune_socket(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-
-
-def peer_closed(sock: socket.socket) -> bool:
-    """True if the peer closed the connection (checked without blocking and without consuming data)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
-    except (OSError, ValueError):
-        return True
