@@ -1,16 +1,20 @@
 """A real client process for the tests: loads a model from tests/models.py and checks it bit for bit.
 
-argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "model_id": str, ...} ("sources" may be
-left out for a client that only has a "registry").
-Prints one JSON line: {"ok", "mismatched", "source", "bytes", "error"}.
+argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "model_id": str, ...,
+"die_at": fraction (SIGKILL itself there), "mark_at": fraction (print {"mark": fraction} there and go on)}
+("sources" may be left out for a client that only has a "registry").
+Prints one JSON line: {"ok", "mismatched", "source", "bytes", "resumed_bytes", "refetched_bytes", "failed_at"
+(source -> wall-clock time its failure was noticed), "failures" (source -> error text), "error"}.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,26 +23,52 @@ from models import build, named
 from netloader.synthetic import bytes_equal
 
 
+class _FailureTimes(logging.Handler):
+    """Wall-clock time at which each source's failure was logged (the moment the client gave up on it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.times: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("netloader: source ") and record.args:
+            self.times.setdefault(str(record.args[0]), record.created)  # type: ignore[index]
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     kind, seed = spec.pop("model"), spec.pop("expect_seed")
     model = build(kind, None)
     die_at = spec.pop("die_at", None)
+    mark_at = spec.pop("mark_at", None)
+    marked = False
+    failures = _FailureTimes()
+    logging.getLogger("netloader").addHandler(failures)
 
     def on_progress(done: int, total: int) -> None:
+        nonlocal marked
         if die_at is not None and done >= die_at * total:
             os.kill(os.getpid(), signal.SIGKILL)  # a client that dies mid-transfer
+        if mark_at is not None and not marked and done >= mark_at * total:
+            marked = True
+            print(json.dumps({"mark": mark_at, "at": time.time()}), flush=True)
 
     try:
-        sources = spec.pop("sources", None)
-        report = netloader.load_weights(model, sources, progress=False, on_progress=on_progress, **spec)
+        report = netloader.load_weights(model, spec.pop("sources", None), progress=False, on_progress=on_progress,
+                                        **spec)
+    except netloader.NoSourceError as exc:
+        print(json.dumps({"ok": False, "error": f"NoSourceError: {exc}", "failed_at": failures.times,
+                          "failures": {s: f"{type(e).__name__}: {e}" for s, e in exc.failures.items()}}), flush=True)
+        return
     except netloader.NetloaderError as exc:
         print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return
     expected = named(build(kind, seed))
     mismatched = [n for n, t in named(model).items() if not bytes_equal(t, expected[n])]
     print(json.dumps({"ok": not mismatched, "mismatched": mismatched[:5], "source": report.source,
-                      "bytes": report.bytes}), flush=True)
+                      "bytes": report.bytes, "resumed_bytes": report.resumed_bytes,
+                      "refetched_bytes": report.refetched_bytes, "failed_at": failures.times,
+                      "failures": {s: f"{type(e).__name__}: {e}" for s, e in report.failures.items()}}), flush=True)
 
 
 if __name__ == "__main__":

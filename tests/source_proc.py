@@ -1,6 +1,7 @@
 """A real source process for the tests: serves a model from tests/models.py until its stdin closes.
 
-argv[1] is a JSON spec: {"model": kind, "seed": int, "model_id": str, ...WeightServer keyword arguments}.
+argv[1] is a JSON spec: {"model": kind, "seed": int, "model_id": str, "host": listen address (127.0.0.1),
+...WeightServer keyword arguments}.
 Prints {"address", "pid"} once serving. Each stdin line "stats" is answered with a JSON line of the
 process's thread count, open file descriptors and the server's counters.
 """
@@ -23,7 +24,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = json.loads(sys.argv[1])
     model = build(spec.pop("model"), spec.pop("seed"), spec.pop("variant", "base"))
-    server = netloader.WeightServer(model, host="127.0.0.1", **spec).start()
+    host = spec.pop("host", "127.0.0.1")
+    server = netloader.WeightServer(model, host=host, **spec).start()
     print(json.dumps({"address": server.address, "pid": os.getpid()}), flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":

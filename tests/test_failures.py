@@ -68,6 +68,10 @@ def test_killed_source_is_resumed_from_the_next_source(source):
     assert report.resumed_at > 0  # did not start over
     total = sum(t.numel() * t.element_size() for t in named(model).values())
     assert report.bytes < 0.7 * total
+    # what arrived stayed: kept + fetched again covers the model, and little of it was fetched twice
+    assert report.resumed_bytes + report.bytes == total
+    assert report.resumed_bytes >= 0.3 * total
+    assert report.refetched_bytes <= 0.1 * total
     assert _bit_exact(model, 1)
 
 
@@ -158,3 +162,32 @@ def test_bad_arguments_are_config_errors(kwargs, match):
         netloader.load_weights(build("mixed", None), ["127.0.0.1:1"], **{"model_id": "m", **kwargs})
     with pytest.raises(netloader.ConfigError):
         netloader.load_weights(build("mixed", None), ["not-an-address"], model_id="m")
+
+
+def test_a_gloo_group_that_never_forms_is_given_up_within_the_timeout(source):
+    """The client asks for gloo, then only heartbeats: the source stops waiting for the group at `timeout`
+    (not gloo's own, five times longer, wait) and frees its slot."""
+    import rawpeer
+    from netloader import protocol as P
+
+    src = source("mixed", seed=4, transports=["streams", "gloo"], timeout=4, max_concurrent=1)
+    sock = rawpeer.authenticate(src.address)
+    P.send_message(sock, P.Load(model_id="test-model", rank=0, layout={}, backend="gloo"), timeout=5)
+    P.expect(P.read_message(sock, timeout=10), P.ManifestMsg)
+    P.send_message(sock, P.Ready(), timeout=5)
+    P.expect(P.read_message(sock, timeout=10), P.Rendezvous)
+    started = time.monotonic()
+    freed_after = None
+    try:
+        while time.monotonic() - started < 60:
+            P.send_message(sock, P.Heartbeat(), timeout=5)  # alive: only the formation deadline can end it
+            if not src.stats()["active"]:
+                freed_after = time.monotonic() - started
+                break
+            time.sleep(0.5)
+    finally:
+        sock.close()
+    assert freed_after is not None and freed_after < 4 * 5, freed_after
+    assert "did not join the transfer group in time" in src.log_text() or "did not form" in src.log_text()
+    report = netloader.load_weights(build("mixed", None), [src.address], model_id="test-model", transport="gloo")
+    assert report.transport == "gloo"

@@ -146,3 +146,22 @@ def test_serving_does_not_stop_the_owner(source):
         worker.join()
     assert ticks > 0
     _assert_equal_to_seed(target, "llama64", 9)
+
+
+def test_gloo_transport_when_asked_for_and_offered(source):
+    src = source("mixed", seed=7, transports=["streams", "gloo"], bucket_size=64 * 1024, chunk_size=128 * 1024)
+    model = build("mixed", None)
+    report = netloader.load_weights(model, [src.address], model_id="test-model", transport="gloo")
+    assert report.transport == "gloo"
+    _assert_equal_to_seed(model, "mixed", 7)
+    again = build("mixed", None)
+    assert netloader.load_weights(again, [src.address], model_id="test-model").transport == "streams"
+    _assert_equal_to_seed(again, "mixed", 7)
+
+
+def test_gloo_is_refused_by_a_source_that_does_not_offer_it(source):
+    src = source("mixed", seed=7)
+    with pytest.raises(netloader.NoSourceError) as info:
+        netloader.load_weights(build("mixed", None), [src.address], model_id="test-model", transport="gloo")
+    failure = info.value.failures[src.address]
+    assert isinstance(failure, netloader.IdentityMismatchError) and "offers streams" in str(failure)

@@ -57,13 +57,14 @@ MODEL_ID = "netloader-bench"
 #: the loads authenticate, as a deployment would (the HMAC handshake is part of the measured time)
 TOKEN = "netloader-bench-token"
 #: the methods, in the order they run within a round (the cold disk load leaves the file cached for the warm one)
-METHODS = ("ceiling", "netloader", "per_tensor", "disk_cold", "disk_warm")
+METHODS = ("ceiling", "netloader", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
 LABELS = {
     "ceiling": "ceiling (raw gloo, one flat buffer)",
     "per_tensor": "per-tensor send/recv",
     "disk_cold": "safetensors, cold page cache",
     "disk_warm": "safetensors, warm page cache",
     "netloader": "netloader `load_weights`",
+    "netloader_gloo": "netloader, `transport=\"gloo\"`",
 }
 #: tensors start at multiples of this in the flat buffer
 ALIGN = 64
@@ -280,7 +281,8 @@ class Worker:
             write_safetensors(file, model, self.shape.dtype)
         if bucket:
             self.server = netloader.WeightServer(
-                model.module, model_id=MODEL_ID, host="127.0.0.1", token=TOKEN, bucket_size=bucket, max_concurrent=8
+                model.module, model_id=MODEL_ID, host="127.0.0.1", token=TOKEN, bucket_size=bucket, max_concurrent=8,
+                transports=["streams", "gloo"],
             ).start()
             out["address"] = self.server.address
         self.model = model
@@ -356,10 +358,11 @@ class Worker:
                 self.pair.recv([view], 0, 0).wait()
         elif method in ("disk_cold", "disk_warm"):
             load_from_safetensors(target.module, path)  # type: ignore[arg-type]
-        elif method == "netloader":
+        elif method in ("netloader", "netloader_gloo"):
             assert address
             netloader.load_weights(
-                target.module, [address], model_id=MODEL_ID, token=TOKEN, progress=False, bucket_size=bucket
+                target.module, [address], model_id=MODEL_ID, token=TOKEN, progress=False, bucket_size=bucket,
+                transport="gloo" if method == "netloader_gloo" else "auto",
             )
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -713,6 +716,11 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             r = ratio(model, "netloader", "ceiling")
             out.append({"target": f"netloader ≥ 0.95 × ceiling, {key}", "value": r, "goal": 0.95, "met": r >= 0.95})
     for key, model in models.items():
+        if (model["kind"] == "llama" and "fresh" in model) or model["kind"] == "moe":
+            r = ratio(model, "netloader", "netloader_gloo")
+            out.append({"target": f"netloader streams ≥ gloo transport (±5% noise), {key}", "value": r,
+                        "goal": 0.95, "met": r >= 0.95})
+    for key, model in models.items():
         if model["kind"] == "moe":
             r = ratio(model, "netloader", "per_tensor")
             out.append({"target": f"netloader ≥ 10 × per-tensor, {key}", "value": r, "goal": 10.0, "met": r >= 10})
@@ -777,14 +785,15 @@ def render_markdown(result: dict[str, Any], chart: str | None = None) -> str:
                 row = " | ".join(_fmt(model[target].get(k)) for k in METHODS)
                 lines.append(f"| {key} | {model['tensors']} | {_size_label(model['bytes'])} | {target} | {row} |")
     lines += ["", "### Ratios of medians", ""]
-    lines += ["| model | target memory | netloader / ceiling | netloader / per-tensor | netloader / cold disk "
-              "| netloader / warm disk |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += ["| model | target memory | netloader / ceiling | netloader / gloo transport | netloader / per-tensor "
+              "| netloader / cold disk | netloader / warm disk |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, model in result["models"].items():
         for target in ("touched", "fresh"):
             if target in model:
                 t = model[target]
                 n = t["netloader"]["median"]
-                cells = [f"{n / t[o]['median']:.2f}" for o in ("ceiling", "per_tensor", "disk_cold", "disk_warm")]
+                others = ("ceiling", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
+                cells = [f"{n / t[o]['median']:.2f}" if o in t else "–" for o in others]
                 lines.append(f"| {key} | {target} | " + " | ".join(cells) + " |")
     lines += ["", "### Extra memory during a load (peak RSS above the process's RSS before it, MiB, touched targets)",
               "", "| model | netloader client | netloader source | per-tensor client | ceiling client "

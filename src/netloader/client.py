@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import socket
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .dataplane import CLIENT_RANK, Receiver, backend_for, discard, join_store, pair_group
+from .channel import Channel
 from .errors import (
     AuthenticationError,
     BusyError,
@@ -29,12 +28,15 @@ from .errors import (
     TransferError,
     TransferTimeoutError,
 )
+from .executor import Receiver, sequence_of
 from .manifest import Identity, LayoutValue, Manifest, TensorSet
-from .plan import PlanParams, make_plan
+from .plan import PlanParams, TransferPlan, make_plan
 from .protocol import (
     PREAUTH_MAX_FRAME,
     PROTOCOL_VERSION,
     Abort,
+    Attach,
+    Attached,
     Auth,
     AuthOk,
     Done,
@@ -53,12 +55,16 @@ from .protocol import (
     macs_equal,
     new_nonce,
     parse_address,
-    peer_closed,
+    ranges_of,
     read_message,
     send_message,
     server_mac,
     tune_socket,
 )
+from .server import DEFAULT_HEARTBEAT_TIMEOUT, check_heartbeat_timeout
+from .transport.base import Transport, resolve_transport
+from .transport.dist import CLIENT_RANK, ControlStore, DistTransport, form_group
+from .transport.streams import StreamTransport, tune_data_socket
 
 logger = logging.getLogger("netloader")
 
@@ -77,6 +83,12 @@ class LoadReport:
     failures: dict[str, BaseException] = field(default_factory=dict)
     #: first message of the plan received from ``source`` (non-zero when a load resumed after a failed source)
     resumed_at: int = 0
+    #: tensor bytes already in place from failed sources, not fetched again (``bytes`` came from ``source``)
+    resumed_bytes: int = 0
+    #: bytes that had arrived from failed sources in messages that did not complete, so were fetched again
+    refetched_bytes: int = 0
+    #: the transport the bytes came over ("streams", "gloo", "nccl", "hccl")
+    transport: str = ""
 
     @property
     def throughput(self) -> float:
@@ -90,10 +102,14 @@ class LoadReport:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Resume:
-    params: PlanParams
-    completed_ops: int
+    """What earlier sources left in place, for the next one (only reusable under the same plan)."""
+
+    params: PlanParams | None = None
+    completed: set[int] = field(default_factory=set)
+    kept_bytes: int = 0
+    refetched_bytes: int = 0
 
 
 def load_weights(
@@ -109,14 +125,20 @@ def load_weights(
     progress: bool | None = None,
     bucket_size: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    transport: str = "auto",
 ) -> LoadReport:
     """Fill ``model``'s tensors in place from the first source in ``sources`` that can serve them.
 
     Sources are tried in order; one that is unreachable, busy, refuses, mismatches or fails mid-transfer is
     skipped for the next (a load that failed part-way resumes where it stopped when the next source uses the
     same plan). ``timeout`` bounds every step that waits on a source (connecting, each control message, each
-    data message): a dead or stalled source is abandoned after at most that long. ``progress`` shows a tqdm
-    bar (default: when stderr is a terminal); ``on_progress(bytes_done, bytes_total)`` is called after each
+    data message): a stalled source is abandoned after at most that long. During the transfer both sides
+    exchange heartbeats every second: a source that goes silent for ``heartbeat_timeout`` seconds (partitioned,
+    stopped, hung) is given up at once, whatever ``timeout`` is. Every message fully in place counts: the next
+    source is asked for exactly the missing ones. ``transport``: ``"auto"`` (netloader streams on CPU, NCCL on
+    CUDA, HCCL on Ascend) or ``"gloo"`` (CPU, trusted networks only; the source must offer it). ``progress``
+    shows a tqdm bar (default: when stderr is a terminal); ``on_progress(bytes_done, bytes_total)`` is called after each
     message from the loading thread. ``bucket_size`` asks the source for smaller packed messages. Raises
     :class:`~netloader.NoSourceError` listing every source and its reason when none succeeds; if the last
     failure happened mid-transfer the target is partly written and must not be used.
@@ -136,13 +158,27 @@ def load_weights(
         raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if bucket_size is not None:
         PlanParams(bucket_size, 1)  # validates the range
+    check_heartbeat_timeout(heartbeat_timeout)
+    if not isinstance(transport, str):
+        raise ConfigError(f"transport must be a string, got {transport!r}")
+    options = _Options(float(timeout), float(heartbeat_timeout), transport, progress, bucket_size, on_progress)
     if registry is not None:
         from .registry import DEFAULT_TIMEOUT as REGISTRY_TIMEOUT
         from .registry import find_sources
 
         sources = find_sources(registry, identity, sources, timeout=min(float(timeout), REGISTRY_TIMEOUT))
     with _gc_paused():
-        return _load(model, sources, identity, token, float(timeout), progress, bucket_size, on_progress)
+        return _load(model, sources, identity, token, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    timeout: float
+    heartbeat_timeout: float
+    transport: str
+    progress: bool | None
+    bucket_size: int | None
+    on_progress: Callable[[int, int], None] | None
 
 
 @contextlib.contextmanager
@@ -168,37 +204,19 @@ def _load(
     sources: Sequence[str],
     identity: Identity,
     token: str | None,
-    timeout: float,
-    progress: bool | None,
-    bucket_size: int | None,
-    on_progress: Callable[[int, int], None] | None,
+    options: _Options,
 ) -> LoadReport:
     target = TensorSet(model)
-    backend = backend_for(target.device)
-    show = sys.stderr.isatty() if progress is None else progress
+    kind = resolve_transport(options.transport, target.device)
+    show = sys.stderr.isatty() if options.progress is None else options.progress
     failures: dict[str, BaseException] = {}
-    resume: _Resume | None = None
+    resume = _Resume()
     for source in sources:
         try:
-            return _load_from(
-                source,
-                target,
-                identity,
-                backend=backend,
-                token=token,
-                timeout=timeout,
-                progress=show,
-                on_progress=on_progress,
-                bucket_size=bucket_size,
-                resume=resume,
-                failures=failures,
-            )
+            return _load_from(source, target, identity, kind, token, options, show, resume, failures)
         except NetloaderError as exc:
             failures[source] = exc
             logger.warning("netloader: source %s failed: %s: %s", source, type(exc).__name__, exc)
-            if isinstance(exc, TransferError) and getattr(exc, "plan_params", None) is not None:
-                done = max(exc.completed_ops, resume.completed_ops if resume else 0)
-                resume = _Resume(exc.plan_params, done)  # type: ignore[attr-defined]
     raise NoSourceError(failures)
 
 
@@ -213,8 +231,18 @@ def probe(address: str, *, token: str | None = None, timeout: float = 10.0) -> I
 
 
 @contextlib.contextmanager
-def _connect(address: str, token: str | None, timeout: float):  # type: ignore[no-untyped-def]
+def _connect(address: str, token: str | None, timeout: float) -> Iterator[socket.socket]:
     """Open and authenticate a control connection (both sides prove they know the token)."""
+    conn = _open(address, token, timeout)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+def _open(address: str, token: str | None, timeout: float) -> socket.socket:
+    """An authenticated connection to ``address`` (both sides prove they know the token)."""
     host, port = parse_address(address)
     try:
         conn = socket.create_connection((host, port), timeout=timeout)
@@ -238,10 +266,11 @@ def _connect(address: str, token: str | None, timeout: float):  # type: ignore[n
                 raise AuthenticationError("the source could not prove it knows the token")
         except ProtocolError as exc:
             raise _classify(exc, "handshake") from None
-        yield conn
-    finally:
+    except BaseException:
         with contextlib.suppress(OSError):
             conn.close()
+        raise
+    return conn
 
 
 def _classify(exc: ProtocolError, stage: str) -> NetloaderError:
@@ -267,20 +296,17 @@ def _load_from(
     source: str,
     target: TensorSet,
     identity: Identity,
-    *,
-    backend: str,
+    kind: str,
     token: str | None,
-    timeout: float,
-    progress: bool,
-    on_progress: Callable[[int, int], None] | None,
-    bucket_size: int | None,
-    resume: _Resume | None,
+    options: _Options,
+    show: bool,
+    resume: _Resume,
     failures: dict[str, BaseException],
 ) -> LoadReport:
     started = time.perf_counter()
-    host, _ = parse_address(source)
+    timeout = options.timeout
     with _connect(source, token, timeout) as conn:
-        wanted_bucket = resume.params.bucket_size if resume else bucket_size
+        wanted_bucket = resume.params.bucket_size if resume.params else options.bucket_size
         try:
             send_message(
                 conn,
@@ -288,7 +314,7 @@ def _load_from(
                     model_id=identity.model_id,
                     rank=identity.rank,
                     layout=dict(identity.layout),
-                    backend=backend,
+                    backend=kind,
                     bucket_size=wanted_bucket,
                 ),
                 timeout=timeout,
@@ -310,88 +336,139 @@ def _load_from(
                 send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
             raise
         plan = make_plan(remote, params)
-        start_op = resume.completed_ops if resume and resume.params == params else 0
+        kept = resume.completed if resume.params == params else set()
+        missing = ranges_of([i for i in range(len(plan.ops)) if i not in kept])
         try:
-            send_message(conn, Ready(start_op=start_op), timeout=timeout)
+            send_message(conn, Ready(missing=missing if kept else None), timeout=timeout)
             rendezvous = expect(read_message(conn, timeout=timeout), Rendezvous)
         except ProtocolError as exc:
             raise _classify(exc, "rendezvous") from None
-
-        total = plan.payload_from(start_op)
-        # tqdm starts a process-wide monitor thread for every bar, shown or not: make one only when shown
-        bar = (
-            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"netloader {source}", leave=False)
-            if progress
-            else None
+        if rendezvous.heartbeat * 2 > options.heartbeat_timeout:
+            raise ProtocolError(
+                f"source sends heartbeats every {rendezvous.heartbeat:g} s, too rarely for heartbeat_timeout "
+                f"{options.heartbeat_timeout:g} s"
+            )
+        sequence = sequence_of(missing)
+        total = sum(plan.ops[i].payload for i in sequence)
+        report = LoadReport(
+            source=source,
+            bytes=total,
+            seconds=0.0,
+            tensors=len(target.manifest),
+            failures=dict(failures),
+            resumed_at=sequence[0] if kept and sequence else 0,
+            resumed_bytes=plan.payload_from(0) - total if kept else 0,
+            refetched_bytes=resume.refetched_bytes,
+            transport=kind,
         )
-        received = 0
-
-        def advance(_op: int, nbytes: int) -> None:
-            nonlocal received
-            received += nbytes
-            if bar is not None:
-                bar.update(nbytes)
-            if on_progress is not None:
-                on_progress(received, total)
-
-        group = store = None
-        t_handshake = time.perf_counter()
-        t_group = t_handshake
-        try:
-            if start_op < len(plan.ops):
-                store = join_store(host, rendezvous.store_port, timeout)
-                group = pair_group(
-                    backend,
-                    store,
-                    rendezvous.group,
-                    CLIENT_RANK,
-                    local_host=conn.getsockname()[0],
-                    device=target.device,
-                    timeout=timeout,
-                    streams=rendezvous.streams,
-                )
-                t_group = time.perf_counter()
-                Receiver(
-                    plan,
-                    target.tensors,
-                    group,
-                    device=target.device,
-                    peer_gone=functools.partial(peer_closed, conn),
-                    on_op=advance,
-                ).run(start_op)
-        except TransferError as exc:
-            exc.plan_params = params  # type: ignore[attr-defined]
-            with contextlib.suppress(NetloaderError):
-                send_message(conn, Done(ok=False, bytes=0, message=str(exc)[:16000]), timeout=1.0)
-            raise
-        except Exception as exc:  # a torch error while forming the group, say
-            err = TransferError(f"transfer failed: {exc}")
-            err.plan_params = params  # type: ignore[attr-defined]
-            raise err from exc
-        finally:
-            if bar is not None:
-                bar.close()
-            discard(group, store)  # torn down off this path: a gloo group takes ~10 ms per connection to close
-            group = store = None
-        t_data = time.perf_counter()
-        with contextlib.suppress(NetloaderError):
-            send_message(conn, Done(ok=True, bytes=total), timeout=timeout)
-    seconds = time.perf_counter() - started
-    logger.debug(
-        "netloader: %s: handshake %.3f s, group %.3f s, data %.3f s (%d messages)",
-        source,
-        t_handshake - started,
-        t_group - t_handshake,
-        t_data - t_group,
-        len(plan.ops) - start_op,
+        channel = Channel(
+            conn, peer="source", timeout=timeout, heartbeat_timeout=options.heartbeat_timeout,
+            interval=rendezvous.heartbeat, store=kind != "streams",
+        )
+        with channel:
+            try:
+                completed = _receive(source, target, kind, token, options, show, plan, sequence, rendezvous, channel)
+                channel.send(Done(ok=True, bytes=total))
+            except TransferError as exc:
+                got: set[int] = getattr(exc, "completed", set())
+                arrived = getattr(exc, "received_bytes", 0)
+                resume.params = params
+                resume.completed = kept | got
+                resume.refetched_bytes += max(0, arrived - sum(plan.ops[i].nbytes for i in got))
+                with contextlib.suppress(NetloaderError):
+                    channel.send(Done(ok=False, bytes=0, message=str(exc)[:16000]))
+                raise
+    if len(completed) != len(sequence):  # cannot happen: every message either completes or raises
+        raise TransferError(f"{len(sequence) - len(completed)} messages did not arrive")
+    report.seconds = time.perf_counter() - started
+    logger.info(
+        "netloader: %s%s", report,
+        f" (resumed: {report.resumed_bytes / 1e9:.3f} GB kept, {report.refetched_bytes / 1e9:.3f} GB refetched)"
+        if kept else "",
     )
-    report = LoadReport(
-        source=source,
-        bytes=total,
-        seconds=seconds,
-        tensors=len(target.manifest),
-        failures=dict(failures),
-        resumed_at=start_op,
-    )
-    logger.info("netloader: %s", report)
     return report
+
+
+def _receive(
+    source: str,
+    target: TensorSet,
+    kind: str,
+    token: str | None,
+    options: _Options,
+    show: bool,
+    plan: TransferPlan,
+    sequence: list[int],
+    rendezvous: Rendezvous,
+    channel: Channel,
+) -> set[int]:
+    """Open the transport and receive ``sequence``; returns the messages now in place."""
+    if not sequence:
+        return set()
+    timeout = options.timeout
+    total = sum(plan.ops[i].payload for i in sequence)
+    # tqdm starts a process-wide monitor thread for every bar, shown or not: make one only when shown
+    bar = (
+        tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"netloader {source}", leave=False)
+        if show
+        else None
+    )
+    received = 0
+
+    def advance(_op: int, nbytes: int) -> None:
+        nonlocal received
+        received += nbytes
+        if bar is not None:
+            bar.update(nbytes)
+        if options.on_progress is not None:
+            options.on_progress(received, total)
+
+    transport: Transport | None = None
+    try:
+        if kind == "streams":
+            transport = _open_streams(source, token, timeout, rendezvous, channel)
+        else:
+            store = ControlStore(channel, time.monotonic() + timeout)
+            group = form_group(
+                kind, store, CLIENT_RANK, local_host=channel.sock.getsockname()[0], device=target.device,
+                timeout=timeout, streams=rendezvous.streams, check=channel.check,
+            )
+            transport = DistTransport(group, store, target.device)
+        receiver = Receiver(plan, target.tensors, transport, device=target.device, check=channel.check, on_op=advance)
+        transport = None  # the receiver closes it, whatever happens
+        return receiver.run(sequence)
+    except TransferError:
+        raise
+    except NetloaderError as exc:
+        raise TransferError(f"the transfer could not start: {exc}") from None
+    finally:
+        if transport is not None:
+            transport.close(False)
+        if bar is not None:
+            bar.close()
+
+
+def _open_streams(
+    source: str, token: str | None, timeout: float, rendezvous: Rendezvous, channel: Channel
+) -> StreamTransport:
+    """Open, authenticate and attach the transfer's data connections."""
+    socks: list[socket.socket] = []
+    try:
+        for stream in range(rendezvous.streams):
+            sock = _open(source, token, timeout)
+            socks.append(sock)
+            send_message(sock, Attach(transfer=rendezvous.transfer, stream=stream), timeout=timeout)
+            answer = expect(read_message(sock, timeout=timeout, max_size=PREAUTH_MAX_FRAME), Attached)
+            if answer.stream != stream:
+                raise ProtocolError(f"the source attached stream {answer.stream} for {stream}")
+            tune_data_socket(sock)
+            channel.check()
+    except BaseException as exc:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if isinstance(exc, ProtocolError):
+            raise TransferError(f"a data connection was refused: {_classify(exc, 'attach')}") from None
+        raise
+    transport = StreamTransport(rendezvous.streams, timeout=timeout, sending=False, peer="source")
+    transport.start_receiving(socks)
+    return transport

@@ -24,7 +24,10 @@ MiB = 1 << 20
 #: (0.87-0.93 GB/s), 64 MiB 0.72 GB/s; 8 MiB keeps the staging memory (2 buckets per side) at 16 MiB
 DEFAULT_BUCKET_SIZE = 8 * MiB
 DEFAULT_DIRECT_THRESHOLD = 1 * MiB
-DEFAULT_CHUNK_SIZE = 256 * MiB
+#: large tensors travel in pieces this big: a failover loses at most the piece each stream was receiving.
+#: In-process loopback, 512 MiB of 64 MiB tensors, medians of 3 on a busy 2-vCPU machine: 16 MiB 0.35 s,
+#: 64 MiB 0.38 s, 256 MiB 0.39 s (within noise of each other)
+DEFAULT_CHUNK_SIZE = 16 * MiB
 MIN_BUCKET_SIZE = 64 * 1024
 MAX_BUCKET_SIZE = 4096 * MiB
 

@@ -9,9 +9,16 @@ Conversation (S = source, C = client)::
     S: hello{proto, nonce, auth}        C: auth{proto, nonce, mac}        S: auth_ok{mac} | error
     C: probe                            S: info
     C: load{identity, backend, ...}     S: manifest{tensors, params} | error{busy|mismatch|...}
-    C: ready | abort                    S: rendezvous{store_port, group}
-    ... torch.distributed data plane ...
+    C: ready{missing} | abort           S: rendezvous{transfer, streams, heartbeat}
+    ... both sides: heartbeat every second (and, for torch.distributed, store_set for its rendezvous) ...
     C: done{ok, bytes}
+
+A data connection (netloader streams) opens like a control connection, authenticates the same way, then::
+
+    C: attach{transfer, stream}         S: attached | error
+    S: data frames: (tag, length) header, then ``length`` payload bytes; message ``tag`` of the plan
+
+``transfer`` is a 128-bit random id that only the authenticated control connection carried.
 
 The MACs are HMAC-SHA256 over both nonces with a role label, so each side proves it knows the token without
 sending it, and a recorded exchange cannot be replayed against a fresh nonce.
@@ -23,7 +30,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import select
 import socket
 import struct
 import time
@@ -33,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: frames a peer may send before it has authenticated
 PREAUTH_MAX_FRAME = 4 * 1024
 #: frames after authentication (a manifest of ~1M tensors fits)
@@ -123,9 +129,16 @@ class ManifestMsg(_Message):
     plan: PlanWire
 
 
+#: most ranges a ``ready`` may list (a resumed load misses a tail and a few holes of its in-flight window)
+MAX_MISSING_RANGES = 65536
+OpRange = tuple[NonNeg, NonNeg]
+
+
 class Ready(_Message):
+    """``missing``: the plan's messages to send, as sorted, disjoint, non-empty ``[start, end)`` ranges (None: all)."""
+
     type: Literal["ready"] = "ready"
-    start_op: NonNeg = 0
+    missing: Annotated[list[OpRange], Field(max_length=MAX_MISSING_RANGES)] | None = None
 
 
 class Abort(_Message):
@@ -134,11 +147,41 @@ class Abort(_Message):
 
 
 class Rendezvous(_Message):
+    """The transfer starts: its secret id, how many data streams (netloader streams) and the heartbeat period."""
+
     type: Literal["rendezvous"] = "rendezvous"
-    store_port: Annotated[int, Field(ge=1, le=65535)]
-    group: Hex32
+    transfer: Hex32
     timeout: Annotated[float, Field(gt=0, le=86400)]
     streams: Annotated[int, Field(ge=1, le=8)] = 1
+    heartbeat: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
+class Attach(_Message):
+    type: Literal["attach"] = "attach"
+    transfer: Hex32
+    stream: Annotated[int, Field(ge=0, lt=8)]
+
+
+class Attached(_Message):
+    type: Literal["attached"] = "attached"
+    stream: Annotated[int, Field(ge=0, lt=8)]
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+#: torch.distributed rendezvous keys and values carried by ``store_set`` (gloo: addresses; NCCL: a 128-byte id)
+STORE_KEY = Annotated[str, Field(pattern=r"^[A-Za-z0-9_./:\-]{1,256}$")]
+STORE_VALUE = Annotated[str, Field(max_length=65536, pattern=r"^[A-Za-z0-9+/=]*$")]
+
+
+class StoreSet(_Message):
+    """One key of the torch.distributed rendezvous, set by the sender's side (``value`` is base64)."""
+
+    type: Literal["store_set"] = "store_set"
+    key: STORE_KEY
+    value: STORE_VALUE
 
 
 class Done(_Message):
@@ -158,7 +201,22 @@ class Error(_Message):
 
 
 Message = Annotated[
-    Hello | Auth | AuthOk | Probe | Info | Load | ManifestMsg | Ready | Abort | Rendezvous | Done | Error,
+    Hello
+    | Auth
+    | AuthOk
+    | Probe
+    | Info
+    | Load
+    | ManifestMsg
+    | Ready
+    | Abort
+    | Rendezvous
+    | Attach
+    | Attached
+    | Heartbeat
+    | StoreSet
+    | Done
+    | Error,
     Field(discriminator="type"),
 ]
 _MESSAGE = TypeAdapter(Message)
@@ -298,6 +356,35 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: data frame header: tag (the message's index in the plan), payload length
+DATA_HEADER = struct.Struct(">IQ")
+
+
+def validate_missing(missing: list[tuple[int, int]] | None, n_ops: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of a ``ready``, checked against a plan of ``n_ops`` messages (None: all)."""
+    if missing is None:
+        return [(0, n_ops)] if n_ops else []
+    last = -1
+    for start, end in missing:
+        if not start < end <= n_ops:
+            raise ProtocolError(f"range [{start}, {end}) is empty or beyond the plan's {n_ops} messages")
+        if start <= last:
+            raise ProtocolError("ranges must be sorted and disjoint")
+        last = end - 1
+    return list(missing)
+
+
+def ranges_of(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices -> ``[start, end)`` ranges."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Control connections carry small messages (no Nagle) and should notice a vanished peer (keepalive)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -305,12 +392,3 @@ def tune_socket(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-
-
-def peer_closed(sock: socket.socket) -> bool:
-    """True if the peer closed the connection (checked without blocking and without consuming data)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
-    except (OSError, ValueError):
-        return True

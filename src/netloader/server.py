@@ -5,72 +5,51 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 import torch
 from torch import nn
 
 from . import __version__
-from .dataplane import (
-    DEFAULT_STREAMS,
-    MAX_STREAMS,
-    SOURCE_RANK,
-    Sender,
-    backend_for,
-    discard,
-    host_store,
-    pair_group,
-)
-from .errors import ConfigError, IdentityMismatchError, NetloaderError
+from .errors import ConfigError, NetloaderError
 from .manifest import Identity, LayoutValue, TensorSet
-from .plan import (
-    DEFAULT_BUCKET_SIZE,
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_DIRECT_THRESHOLD,
-    MIN_BUCKET_SIZE,
-    PlanParams,
-    TransferPlan,
-    make_plan,
-)
+from .plan import DEFAULT_BUCKET_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_DIRECT_THRESHOLD, PlanParams
 from .protocol import (
     PREAUTH_MAX_FRAME,
     PROTOCOL_VERSION,
-    Abort,
+    Attach,
     Auth,
     AuthOk,
-    Done,
     Error,
     Hello,
     Info,
     Load,
     Probe,
-    Ready,
-    Rendezvous,
     client_mac,
-    encode_trusted,
     expect,
     format_address,
     macs_equal,
     new_nonce,
-    peer_closed,
     read_message,
-    send_frame,
     send_message,
     server_mac,
     tune_socket,
 )
 from .registry.base import DEFAULT_HEARTBEAT, DEFAULT_TTL
 from .registry.publisher import Publisher, server_fields
+from .serving import HEARTBEAT_INTERVAL, REQUEST_MAX_FRAME, Transfers
+from .transport.base import resolve_transport
 
 logger = logging.getLogger("netloader")
 
-#: largest request a client may send (identity and layout; the manifest travels the other way)
-REQUEST_MAX_FRAME = 64 * 1024
+#: netloader streams: data connections per transfer (two measured faster than one on loopback)
+DEFAULT_STREAMS = 2
+MAX_STREAMS = 8
+DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 
 
 class WeightServer:
@@ -87,8 +66,12 @@ class WeightServer:
     - ``max_connections``: open control connections at most (more are closed on accept).
     - ``bucket_size``/``direct_threshold``/``chunk_size``: the transfer plan (see :mod:`netloader.plan`).
     - ``timeout``: seconds a transfer step may make no progress; ``handshake_timeout``: whole-message deadline
-      for every message before a transfer starts.
-    - ``streams``: parallel connections per transfer for gloo (tensors on CPU).
+      for every message before a transfer starts (and for a transfer's data connections to attach).
+    - ``heartbeat_timeout``: a client silent this long during a transfer (partitioned, stopped) is dropped and
+      its slot freed; heartbeats go every second both ways.
+    - ``streams``: data connections per transfer for netloader streams (tensors on CPU).
+    - ``transports``: the transports clients may ask for (default: the device's own, netloader streams on CPU;
+      add ``"gloo"`` only on a trusted network: gloo's listener is unauthenticated).
     - ``advertise_host``: the host part of :attr:`address` when listening on a wildcard address.
     - ``registry``: a registry URL (``file:///dir``, ``redis://host:port/db``, see :mod:`netloader.registry`):
       the server publishes its record there on :meth:`start`, refreshes it every ``registry_heartbeat`` seconds
@@ -115,13 +98,20 @@ class WeightServer:
         handshake_timeout: float = 10.0,
         advertise_host: str | None = None,
         streams: int = DEFAULT_STREAMS,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        transports: Sequence[str] | None = None,
         registry: str | None = None,
         registry_heartbeat: float = DEFAULT_HEARTBEAT,
         registry_ttl: float = DEFAULT_TTL,
     ) -> None:
         self.identity = Identity.build(model_id, rank, layout)
         self.tensors = TensorSet(model)
-        self.backend = backend_for(self.tensors.device)
+        if transports is None:
+            transports = ("auto",)
+        if isinstance(transports, str) or not transports:
+            raise ConfigError(f"transports must be a non-empty list of names, got {transports!r}")
+        self.transports = tuple(dict.fromkeys(resolve_transport(t, self.tensors.device) for t in transports))
+        self.backend = self.transports[0]
         self.params = PlanParams(bucket_size, min(direct_threshold, bucket_size), chunk_size)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be within [0, 65535], got {port!r}")
@@ -134,6 +124,7 @@ class WeightServer:
         for name, value in (("timeout", timeout), ("handshake_timeout", handshake_timeout)):
             if not isinstance(value, (int, float)) or not 0 < value <= 86400:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        check_heartbeat_timeout(heartbeat_timeout)
         if token is not None and (not isinstance(token, str) or not token):
             raise ConfigError("token must be a non-empty string or None")
         self.host = host
@@ -145,15 +136,26 @@ class WeightServer:
         self.handshake_timeout = float(handshake_timeout)
         self.advertise_host = advertise_host
 
+        self.heartbeat_timeout = float(heartbeat_timeout)
+
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._active = 0
-        self._served = 0
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._closing = threading.Event()
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
-        self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
+        self._transfers = Transfers(
+            self.tensors,
+            self.identity,
+            self.params,
+            transports=self.transports,
+            streams=streams,
+            timeout=self.timeout,
+            handshake_timeout=self.handshake_timeout,
+            heartbeat_timeout=self.heartbeat_timeout,
+            closing=self._closing,
+        )
         self._publisher = (
             Publisher(registry, functools.partial(server_fields, self), heartbeat=registry_heartbeat, ttl=registry_ttl)
             if registry is not None
@@ -185,9 +187,11 @@ class WeightServer:
             self.identity.rank,
             len(self.tensors.tensors),
             self.tensors.total_bytes / 1e9,
-            self.backend,
+            "/".join(self.transports),
             self.address,
         )
+        if "gloo" in self.transports:
+            logger.warning("netloader: gloo transfers open gloo's own listening port, which is unauthenticated")
         if self._publisher is not None:
             self._publisher.start()
         return self
@@ -238,7 +242,7 @@ class WeightServer:
 
     @property
     def transfers_served(self) -> int:
-        return self._served
+        return self._transfers.served
 
     @property
     def open_connections(self) -> int:
@@ -312,9 +316,12 @@ class WeightServer:
         else:
             reply = AuthOk(mac=None)
         send_message(conn, reply, timeout=hs)
-        request = expect(read_message(conn, timeout=hs, max_size=REQUEST_MAX_FRAME), Probe, Load)
+        request = expect(read_message(conn, timeout=hs, max_size=REQUEST_MAX_FRAME), Probe, Load, Attach)
         if isinstance(request, Probe):
             send_message(conn, self._info(), timeout=hs)
+            return
+        if isinstance(request, Attach):  # a data connection: runs its stream on this thread
+            self._transfers.attach(conn, request)
             return
         if self._closing.is_set():
             self._refuse(conn, "closing", "source is shutting down")
@@ -325,7 +332,7 @@ class WeightServer:
         with self._lock:
             self._active += 1
         try:
-            self._transfer(conn, who, request)
+            self._transfers.serve(conn, who, request)
         finally:
             with self._lock:
                 self._active -= 1
@@ -335,107 +342,6 @@ class WeightServer:
         with contextlib.suppress(NetloaderError):
             send_message(conn, Error(code=code, message=message), timeout=self.handshake_timeout)  # type: ignore[arg-type]
 
-    def _plan_for(self, bucket_size: int | None) -> tuple[TransferPlan, bytes]:
-        """The plan (and its encoded manifest message) for a client's bucket size, capped at the server's."""
-        size = self.params.bucket_size
-        if bucket_size is not None:
-            size = max(MIN_BUCKET_SIZE, min(bucket_size, size))
-        params = PlanParams(size, min(self.params.direct_threshold, size), self.params.chunk_size)
-        with self._lock:
-            cached = self._plans.get(params)
-        if cached is None:
-            manifest = self.tensors.manifest
-            frame = encode_trusted(
-                {
-                    "type": "manifest",
-                    "tensors": manifest.to_wire(),
-                    "total_bytes": manifest.total_bytes,
-                    "plan": {
-                        "bucket_size": params.bucket_size,
-                        "direct_threshold": params.direct_threshold,
-                        "chunk_size": params.chunk_size,
-                    },
-                }
-            )
-            cached = (make_plan(manifest, params), frame)
-            with self._lock:
-                self._plans[params] = cached
-        return cached
-
-    def _transfer(self, conn: socket.socket, who: str, request: Load) -> None:
-        try:
-            Identity.build(request.model_id, request.rank, request.layout).check_matches(self.identity)
-            if request.backend != self.backend:
-                raise IdentityMismatchError(
-                    f"backend mismatch: client uses {request.backend}, source uses {self.backend}"
-                )
-        except (IdentityMismatchError, ConfigError) as exc:
-            self._refuse(conn, "mismatch", str(exc))
-            logger.info("netloader: refused %s: %s", who, exc)
-            return
-        plan, frame = self._plan_for(request.bucket_size)
-        send_frame(conn, frame, timeout=self.timeout)
-        answer = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Ready, Abort)
-        if isinstance(answer, Abort):
-            logger.info("netloader: %s aborted before the transfer: %s", who, answer.reason)
-            return
-        if answer.start_op > len(plan.ops):
-            self._refuse(conn, "protocol", f"start_op {answer.start_op} beyond the plan's {len(plan.ops)} messages")
-            return
-        local_host = conn.getsockname()[0]
-        group_name = secrets.token_hex(16)
-        started = time.perf_counter()
-        sent = 0
-        store = host_store(local_host, self.timeout)
-        group = None
-        try:
-            send_message(
-                conn,
-                Rendezvous(store_port=store.port, group=group_name, timeout=self.timeout, streams=self.streams),
-                timeout=self.handshake_timeout,
-            )
-            if answer.start_op < len(plan.ops):
-                group = pair_group(
-                    self.backend,
-                    store,
-                    group_name,
-                    SOURCE_RANK,
-                    local_host=local_host,
-                    device=self.tensors.device,
-                    timeout=self.timeout,
-                    streams=self.streams,
-                )
-                sent = Sender(
-                    plan,
-                    self.tensors.tensors,
-                    group,
-                    device=self.tensors.device,
-                    cancel=self._closing,
-                    peer_gone=functools.partial(peer_closed, conn),
-                ).run(answer.start_op)
-            done = expect(read_message(conn, timeout=self.timeout, max_size=REQUEST_MAX_FRAME), Done)
-        finally:
-            # dropping the last references tears the group down (its sockets close) and stops the store; that
-            # takes ~10 ms per gloo connection, so it happens on the reaper thread and frees the slot at once
-            discard(group, store)
-            group = store = None
-        seconds = time.perf_counter() - started
-        if not done.ok:
-            logger.warning("netloader: %s reported a failed load after %.2f s: %s", who, seconds, done.message)
-            return
-        with self._lock:
-            self._served += 1
-        logger.info(
-            "netloader: served %.3f GB to %s in %.2f s (%.2f GB/s), %r rank %d%s",
-            sent / 1e9,
-            who,
-            seconds,
-            sent / 1e9 / max(seconds, 1e-9),
-            self.identity.model_id,
-            self.identity.rank,
-            f", resumed at message {answer.start_op}" if answer.start_op else "",
-        )
-
     def _info(self) -> Info:
         return Info(
             version=__version__,
@@ -443,13 +349,20 @@ class WeightServer:
             model_id=self.identity.model_id,
             rank=self.identity.rank,
             layout=dict(self.identity.layout),
-            backend=self.backend,
+            backend="/".join(self.transports),
             device=str(self.tensors.device),
             tensors=len(self.tensors.manifest),
             bytes=self.tensors.total_bytes,
             active_transfers=self._active,
             max_concurrent=self.max_concurrent,
-            transfers_served=self._served,
+            transfers_served=self._transfers.served,
+        )
+
+
+def check_heartbeat_timeout(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 2 * HEARTBEAT_INTERVAL <= value <= 3600:
+        raise ConfigError(
+            f"heartbeat_timeout must be a number of seconds in [{2 * HEARTBEAT_INTERVAL:g}, 3600], got {value!r}"
         )
 
 

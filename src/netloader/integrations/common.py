@@ -166,6 +166,7 @@ def serve(
             token=config.token(),
             max_concurrent=config.MAX_CONCURRENT,
             timeout=config.TIMEOUT,
+            heartbeat_timeout=config.HEARTBEAT_TIMEOUT,
             bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
             registry=config.REGISTRY,
             **identity,  # type: ignore[arg-type]

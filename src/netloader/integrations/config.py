@@ -65,6 +65,9 @@ class NetloaderConfig(BaseModel):
     SERVE: bool = Field(True, description="serve this instance's weights after loading")
     FALLBACK: bool = Field(True, description="load from disk when the network path fails")
     TIMEOUT: float = Field(60.0, gt=0, le=86400, description="seconds any step may wait on a peer")
+    HEARTBEAT_TIMEOUT: float = Field(
+        5.0, ge=2, le=3600, description="seconds of silence after which a transfer's peer is given up"
+    )
     BUCKET_MIB: int | None = Field(None, ge=1, le=4096, description="packed message size in MiB")
     MAX_CONCURRENT: int = Field(4, ge=1, le=64, description="transfers one rank serves at once")
     DRAFT_PORT_OFFSET: int = Field(10000, ge=1, le=60000, description="draft model serves on port + offset")

@@ -118,7 +118,8 @@ class NetloaderModelLoader(BaseModelLoader):
                 post_load_weights(model)
                 DefaultModelLoader.postprocess_weights(model, target_device)
             report = load_weights(runtime_tensors(model), sources, token=self.config.token(),
-                                  timeout=self.config.TIMEOUT, bucket_size=self.config.bucket_size(),
+                                  timeout=self.config.TIMEOUT, heartbeat_timeout=self.config.HEARTBEAT_TIMEOUT,
+                                  bucket_size=self.config.bucket_size(),
                                   progress=False, **identity)
             return model.eval(), report
         except BaseException:

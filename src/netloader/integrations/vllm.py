@@ -149,7 +149,8 @@ def _receive(model: nn.Module, sources: list[str], config: NetloaderConfig, iden
 
     def receive() -> LoadReport:
         return load_weights(runtime_tensors(model), sources, token=config.token(), timeout=config.TIMEOUT,
-                            bucket_size=config.bucket_size(), progress=False, **identity)
+                            heartbeat_timeout=config.HEARTBEAT_TIMEOUT, bucket_size=config.bucket_size(),
+                            progress=False, **identity)
 
     try:
         return receive()

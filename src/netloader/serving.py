@@ -1,0 +1,229 @@
+"""The source side of one transfer: from the client's ``load`` to its ``done``.
+
+:class:`Transfers` holds what every transfer of one :class:`~netloader.server.WeightServer` shares (the tensors,
+plans per bucket size, the transports it offers) and the secret ids of the transfers now waiting for their data
+connections. The server's connection handling calls :meth:`Transfers.serve` for a ``load`` (inside a transfer
+slot) and :meth:`Transfers.attach` for a data connection's ``attach``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from .channel import Channel
+from .errors import ConfigError, IdentityMismatchError, NetloaderError, ProtocolError, TransferError
+from .executor import Sender, sequence_of
+from .manifest import Identity, TensorSet
+from .plan import MIN_BUCKET_SIZE, PlanParams, TransferPlan, make_plan
+from .protocol import (
+    Abort,
+    Attach,
+    Attached,
+    Done,
+    Error,
+    Load,
+    Ready,
+    Rendezvous,
+    encode_trusted,
+    expect,
+    read_message,
+    send_frame,
+    send_message,
+    validate_missing,
+)
+from .transport.base import Transport
+from .transport.dist import SOURCE_RANK, ControlStore, DistTransport, form_group
+from .transport.streams import StreamTransport, tune_data_socket
+
+logger = logging.getLogger("netloader")
+
+#: largest request a client may send (identity and layout; the manifest travels the other way)
+REQUEST_MAX_FRAME = 64 * 1024
+#: largest ``ready`` (the missing ranges of a resumed load)
+READY_MAX_FRAME = 2 * 1024 * 1024
+#: seconds between heartbeats, both ways; a ``heartbeat_timeout`` must be at least twice that
+HEARTBEAT_INTERVAL = 1.0
+#: gloo devices (TCP connections) per group
+GLOO_STREAMS = 2
+
+
+class Transfers:
+    """What the transfers of one source share, and the ids of those waiting for their data connections."""
+
+    def __init__(
+        self,
+        tensors: TensorSet,
+        identity: Identity,
+        params: PlanParams,
+        *,
+        transports: Sequence[str],
+        streams: int,
+        timeout: float,
+        handshake_timeout: float,
+        heartbeat_timeout: float,
+        closing: threading.Event,
+    ) -> None:
+        self.tensors = tensors
+        self.identity = identity
+        self.params = params
+        self.transports = tuple(transports)
+        self.streams = streams
+        self.timeout = timeout
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.closing = closing
+        self.served = 0
+        self._lock = threading.Lock()
+        self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
+        self._waiting: dict[str, StreamTransport] = {}
+
+    # ------------------------------------------------------------------ plans
+
+    def plan_for(self, bucket_size: int | None) -> tuple[TransferPlan, bytes]:
+        """The plan (and its encoded manifest message) for a client's bucket size, capped at the server's."""
+        size = self.params.bucket_size
+        if bucket_size is not None:
+            size = max(MIN_BUCKET_SIZE, min(bucket_size, size))
+        params = PlanParams(size, min(self.params.direct_threshold, size), self.params.chunk_size)
+        with self._lock:
+            cached = self._plans.get(params)
+        if cached is None:
+            manifest = self.tensors.manifest
+            frame = encode_trusted(
+                {
+                    "type": "manifest",
+                    "tensors": manifest.to_wire(),
+                    "total_bytes": manifest.total_bytes,
+                    "plan": {
+                        "bucket_size": params.bucket_size,
+                        "direct_threshold": params.direct_threshold,
+                        "chunk_size": params.chunk_size,
+                    },
+                }
+            )
+            cached = (make_plan(manifest, params), frame)
+            with self._lock:
+                self._plans[params] = cached
+        return cached
+
+    # ------------------------------------------------------------------ data connections
+
+    def attach(self, conn: socket.socket, request: Attach) -> None:
+        """A data connection named its transfer: run its stream here, or refuse it."""
+        with self._lock:
+            transport = self._waiting.get(request.transfer)
+        if transport is None:
+            _refuse(conn, "protocol", "no such transfer", self.handshake_timeout)
+            raise ProtocolError("a data connection named an unknown transfer")
+        tune_data_socket(conn)
+        transport.attach(
+            request.stream,
+            conn,
+            announce=lambda: send_message(conn, Attached(stream=request.stream), timeout=self.handshake_timeout),
+        )
+
+    # ------------------------------------------------------------------ one transfer
+
+    def serve(self, conn: socket.socket, who: str, request: Load) -> None:
+        try:
+            Identity.build(request.model_id, request.rank, request.layout).check_matches(self.identity)
+            if request.backend not in self.transports:
+                raise IdentityMismatchError(
+                    f"transport mismatch: the client asks for {request.backend}, this source offers "
+                    f"{', '.join(self.transports)}"
+                )
+        except (IdentityMismatchError, ConfigError) as exc:
+            _refuse(conn, "mismatch", str(exc), self.handshake_timeout)
+            logger.info("netloader: refused %s: %s", who, exc)
+            return
+        plan, frame = self.plan_for(request.bucket_size)
+        send_frame(conn, frame, timeout=self.timeout)
+        answer = expect(read_message(conn, timeout=self.timeout, max_size=READY_MAX_FRAME), Ready, Abort)
+        if isinstance(answer, Abort):
+            logger.info("netloader: %s aborted before the transfer: %s", who, answer.reason)
+            return
+        try:
+            missing = validate_missing(answer.missing, len(plan.ops))
+        except ProtocolError as exc:
+            _refuse(conn, "protocol", f"invalid ready: {exc}", self.handshake_timeout)
+            raise
+        sequence = sequence_of(missing)
+        self._run(conn, who, request.backend, plan, sequence, resumed=answer.missing is not None)
+
+    def _run(
+        self, conn: socket.socket, who: str, kind: str, plan: TransferPlan, sequence: list[int], *, resumed: bool
+    ) -> None:
+        transfer_id = secrets.token_hex(16)
+        streams = self.streams if kind == "streams" else GLOO_STREAMS
+        started = time.perf_counter()
+        transport: Transport | None = None
+        if kind == "streams" and sequence:
+            transport = StreamTransport(streams, timeout=self.timeout, sending=True, peer="client")
+            with self._lock:
+                self._waiting[transfer_id] = transport
+        channel = Channel(
+            conn, peer="client", timeout=self.timeout, heartbeat_timeout=self.heartbeat_timeout,
+            interval=HEARTBEAT_INTERVAL, max_frame=REQUEST_MAX_FRAME, store=kind != "streams",
+        )
+        sent = 0
+
+        def check() -> None:
+            if self.closing.is_set():
+                raise TransferError("the source is shutting down")
+            channel.check()
+
+        try:
+            send_message(
+                conn,
+                Rendezvous(transfer=transfer_id, timeout=self.timeout, streams=streams, heartbeat=HEARTBEAT_INTERVAL),
+                timeout=self.handshake_timeout,
+            )
+            channel.start()
+            if sequence:
+                if isinstance(transport, StreamTransport):
+                    transport.wait_attached(time.monotonic() + self.handshake_timeout, check)
+                else:
+                    store = ControlStore(channel, time.monotonic() + self.timeout)
+                    group = form_group(
+                        kind, store, SOURCE_RANK, local_host=conn.getsockname()[0], device=self.tensors.device,
+                        timeout=self.timeout, streams=streams, check=check,
+                    )
+                    transport = DistTransport(group, store, self.tensors.device)
+                sender = Sender(plan, self.tensors.tensors, transport, device=self.tensors.device, check=check)
+                transport = None  # the sender closes it, whatever happens
+                sent = sender.run(sequence)
+            done = channel.next_message(Done, timeout=self.timeout)
+        finally:
+            with self._lock:
+                self._waiting.pop(transfer_id, None)
+            if transport is not None:
+                transport.close(False)
+            channel.close()
+        seconds = time.perf_counter() - started
+        if not done.ok:
+            logger.warning("netloader: %s reported a failed load after %.2f s: %s", who, seconds, done.message)
+            return
+        with self._lock:
+            self.served += 1
+        logger.info(
+            "netloader: served %.3f GB to %s in %.2f s (%.2f GB/s) over %s, %r rank %d%s",
+            sent / 1e9,
+            who,
+            seconds,
+            sent / 1e9 / max(seconds, 1e-9),
+            kind,
+            self.identity.model_id,
+            self.identity.rank,
+            f", resumed: {len(sequence)} of {len(plan.ops)} messages" if resumed else "",
+        )
+
+
+def _refuse(conn: socket.socket, code: str, message: str, timeout: float) -> None:
+    with contextlib.suppress(NetloaderError):
+        send_message(conn, Error(code=code, message=message), timeout=timeout)  # type: ignore[arg-type]
