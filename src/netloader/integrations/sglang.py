@@ -76,7 +76,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 model, outcome.report = self._load_from_sources(model_config, device_config, sources, identity)
                 outcome.path = "network"
             except Exception as exc:
-                outcome.reason = failure_reason(exc, ENGINE)
+                outcome.reason = failure_reason(exc, "SGLang")
                 if not self.config.FALLBACK:
                     logger.error("netloader: rank %d (%s) could not load over the network: %s", rank, role,
                                  outcome.reason)

@@ -86,7 +86,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 model, outcome.report = self._load_from_sources(vllm_config, model_config, prefix, sources, identity)
                 outcome.path = "network"
             except Exception as exc:
-                outcome.reason = failure_reason(exc, ENGINE)
+                outcome.reason = failure_reason(exc, "vLLM")
                 if not self.config.FALLBACK:
                     logger.error("netloader: rank %d (%s) could not load over the network: %s", rank, role,
                                  outcome.reason)
