@@ -8,7 +8,7 @@ are checked against the origin's.
 
 Two algorithms, chosen by where the origin's tensors live:
 
-- ``xxh3-64`` (CPU): xxHash's XXH3 over the tensor's raw memory, without a copy (``ctypes`` over the data
+- ``xxh3-64`` (CPU): xxHash's XXH3 over the tensor's raw memory, without a copy (a memoryview slice at the data
   pointer; the hash releases the GIL, so transfer threads keep running meanwhile). ~18 GB/s on one core here.
 - ``sum64`` (CUDA and other accelerators): a torch reduction on the device, no host copy: the bytes as 32-bit
   words (bytes when the length is not a multiple of 4), each multiplied by an odd position-dependent constant,
@@ -52,14 +52,20 @@ def _row_major(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
+#: this process's memory as one read-only byte view, sliced per tensor: a tensor's bytes as a buffer in 0.2 us,
+#: where a ctypes array per tensor costs 3 us (20 000 tensors: 60 ms, a quarter of a MoE model's load here).
+#: Only the slices of live tensors are ever read.
+_MEMORY = memoryview((ctypes.c_char * (1 << 62)).from_address(0)).cast("B").toreadonly()
+_xxh3_64 = xxhash.xxh3_64_intdigest
+
+
 def _xxh3(tensor: torch.Tensor) -> int:
     if tensor.device.type != "cpu":  # only if a source chose xxh3 for a device client: a host copy, slow
         tensor = tensor.cpu()
-    tensor = _row_major(tensor)
-    nbytes = tensor.numel() * tensor.element_size()
-    if not nbytes:
-        return xxhash.xxh3_64_intdigest(b"")
-    return xxhash.xxh3_64_intdigest((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    at = tensor.data_ptr()
+    return _xxh3_64(_MEMORY[at : at + tensor.nbytes])
 
 
 def _sum64(tensor: torch.Tensor) -> int:
@@ -161,6 +167,9 @@ class Verifier:
         self.verified = verified
         self.bad: list[int] = []
         self._hash = _HASH[digests.algorithm]
+        self._cpu = digests.algorithm == "xxh3-64" and target.device.type == "cpu"
+        self._values = digests.values
+        self._tensors = target.tensors
         self._remaining = [0] * len(target.tensors)
         for i, op in enumerate(plan.ops):
             if i not in kept:
@@ -179,18 +188,26 @@ class Verifier:
     def on_op(self, op_index: int) -> None:
         remaining = self._remaining
         for seg in self.plan.ops[op_index].segments:
-            remaining[seg.index] -= 1
-            if not remaining[seg.index]:
-                self._check(seg.index)
+            index = seg[0]
+            left = remaining[index] - 1
+            remaining[index] = left
+            if not left:
+                self._check(index)
 
     def _check(self, index: int) -> None:
-        expected = self.digests.values[index]
-        with torch.no_grad():
-            if self._hash(self.target.tensors[index]) == expected:
-                self.verified[index] = expected
-            else:
-                self.verified.pop(index, None)
-                self.bad.append(index)
+        expected = self._values[index]
+        tensor = self._tensors[index]
+        if self._cpu and tensor.is_contiguous():  # the common case, kept lean: 20 000 tensors per load
+            at = tensor.data_ptr()
+            got = _xxh3_64(_MEMORY[at : at + tensor.nbytes])
+        else:
+            with torch.no_grad():
+                got = self._hash(tensor)
+        if got == expected:
+            self.verified[index] = expected
+        else:
+            self.verified.pop(index, None)
+            self.bad.append(index)
 
     @property
     def complete(self) -> bool:
