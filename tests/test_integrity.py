@@ -34,20 +34,20 @@ def _load(sources: list[str], **extra: object) -> dict[str, object]:
 
 def test_a_clean_load_checks_every_tensor(source):
     src = source("mixed", seed=1)
-    out = _load([src.address])
+    out = _load([src.address], verify=True)
     assert out["ok"] and out["verified"] is True and out["corrupt"] == {}
     expected = digests_of(TensorSet(build("mixed", 1)))
     assert out["digests"] == expected.to_wire()  # what the origin computed, as the client got it
-    off = _load([src.address], verify=False)
-    assert off["ok"] and off["verified"] is False
+    default = _load([src.address])  # from the origin itself the default checks nothing (its cost: README)
+    assert default["ok"] and default["verified"] is False and default["digests"] == expected.to_wire()
 
 
 def test_a_corrupting_source_is_named_and_the_load_completes_bit_exact_from_the_next(source):
     bad = source("mixed", seed=1, corrupt=BAD)
     good = source("mixed", seed=1)
-    out = _load([bad.address, good.address])
+    out = _load([bad.address, good.address])  # the default: a relay's bytes are checked, and all after it
     assert out["ok"], out  # client_proc compared every tensor with the seed's bytes
-    assert out["source"] == good.address
+    assert out["source"] == good.address and out["verified"] is True
     assert out["corrupt"] == {bad.address: BAD}
     assert out["failures"][bad.address].startswith("IntegrityError") and "large_float32" in out["failures"][bad.address]
     # only the messages carrying the bad tensors came from the second source
@@ -79,10 +79,10 @@ def test_a_source_serves_the_digests_it_was_given_unchanged(source):
 def test_a_relay_passes_its_origins_digests_on(source):
     origin = source("mixed", seed=1)
     middle = build("mixed", None)
-    first = netloader.load_weights(middle, [origin.address], model_id="test-model", progress=False)
+    first = netloader.load_weights(middle, [origin.address], model_id="test-model", progress=False, verify=True)
     assert first.verified and first.digests is not None
     with netloader.WeightServer(middle, model_id="test-model", host="127.0.0.1", digests=first.digests) as relay:
-        last = _load([relay.address])
+        last = _load([relay.address])  # the default checks a relay's bytes
     assert last["ok"] and last["verified"] is True
     assert last["digests"] == first.digests.to_wire()
 

@@ -137,6 +137,8 @@ class ManifestMsg(_Message):
     total_bytes: NonNeg
     plan: PlanWire
     digests: DigestsWire
+    #: the source serves digests it was given (a relay: its bytes came from another instance), not its own
+    relayed: bool = False
 
 
 class Verify(_Message):

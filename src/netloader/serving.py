@@ -88,6 +88,7 @@ class Transfers:
         self._waiting: dict[str, StreamTransport] = {}
         #: the digests served: given (a relay passes on its origin's) or computed at the first load (an origin)
         self._digests = digests
+        self.relayed = digests is not None
         self._digest_lock = threading.Lock()
         self._verify_lock = threading.Lock()
 
@@ -147,6 +148,7 @@ class Transfers:
                         "chunk_size": params.chunk_size,
                     },
                     "digests": digests.to_wire(),
+                    "relayed": self.relayed,
                 }
             )
             cached = (make_plan(manifest, params), frame)
