@@ -169,3 +169,19 @@ def test_the_verifier_checks_each_tensor_once_its_last_message_is_in_place():
     assert mismatches(target, digests) == []
     covering = ops_covering(plan, [0])
     assert covering and all(any(s.index == 0 for s in plan.ops[i].segments) for i in covering)
+
+
+def test_a_source_runs_one_verify_at_a_time_and_says_when_its_digests_are_new():
+    model = build("mixed", 1)
+    with netloader.WeightServer(model, model_id="test-model", host="127.0.0.1", token="t") as server:
+        first = netloader.verify_source(server.address, token="t")  # no load served yet: computed by this request
+        assert first.computed_now and first.mismatches == 0 and first.tensors == len(server.tensors.tensors)
+        again = netloader.verify_source(server.address, token="t")
+        assert not again.computed_now and again.mismatches == 0
+        busy = pytest.raises(netloader.BusyError, match="verify is already running")
+        with server._transfers._verify_lock, busy:  # as if a verify were running
+            netloader.verify_source(server.address, token="t")
+        with torch.no_grad():
+            named(model)["small_float16"].view(-1)[0] += 1
+        changed = netloader.verify_source(server.address, token="t")
+        assert changed.mismatches == 1 and changed.names == ["small_float16"]
