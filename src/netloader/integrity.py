@@ -12,8 +12,9 @@ Two algorithms, chosen by where the origin's tensors live:
   pointer; the hash releases the GIL, so transfer threads keep running meanwhile). ~18 GB/s on one core here.
 - ``sum64`` (CUDA and other accelerators): a torch reduction on the device, no host copy: the bytes as 32-bit
   words (bytes when the length is not a multiple of 4), each multiplied by an odd position-dependent constant,
-  summed with 64-bit wrap-around, mixed with the length. A single flipped bit always changes it (odd
-  multipliers), as does a swap of two different words. It runs on any device, so its tests run on CPU here;
+  summed with 64-bit wrap-around, mixed with the length. Any change confined to one word always changes it
+  (odd multipliers are invertible modulo 2^64); swapped or shifted words change it unless their differences
+  happen to cancel modulo 2^64. Weaker than a real hash, chosen for running as one reduction on the device. It runs on any device, so its tests run on CPU here;
   on CUDA it was not run on this machine (no GPU).
 """
 
