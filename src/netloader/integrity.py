@@ -14,8 +14,8 @@ Two algorithms, chosen by where the origin's tensors live:
   words (bytes when the length is not a multiple of 4), each multiplied by an odd position-dependent constant,
   summed with 64-bit wrap-around, mixed with the length. Any change confined to one word always changes it
   (odd multipliers are invertible modulo 2^64); swapped or shifted words change it unless their differences
-  happen to cancel modulo 2^64. Weaker than a real hash, chosen for running as one reduction on the device. It runs on any device, so its tests run on CPU here;
-  on CUDA it was not run on this machine (no GPU).
+  happen to cancel modulo 2^64. Weaker than a real hash, chosen for running as one reduction on the device.
+  It runs on any device, so its tests run on CPU here; on CUDA it was not run on this machine (no GPU).
 """
 
 from __future__ import annotations
