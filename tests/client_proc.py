@@ -4,7 +4,8 @@ argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "m
 "die_at": fraction (SIGKILL itself there), "mark_at": fraction (print {"mark": fraction} there and go on)}
 ("sources" may be left out for a client that only has a "registry").
 Prints one JSON line: {"ok", "mismatched", "source", "bytes", "resumed_bytes", "refetched_bytes", "failed_at"
-(source -> wall-clock time its failure was noticed), "failures" (source -> error text), "error"}.
+(source -> wall-clock time its failure was noticed), "failures" (source -> error text), "verified", "corrupt"
+(source -> tensor names), "digests" (as on the wire), "error"}.
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def main() -> None:
                           "failures": {s: f"{type(e).__name__}: {e}" for s, e in exc.failures.items()}}), flush=True)
         return
     except netloader.NetloaderError as exc:
-        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                          "corrupt": getattr(exc, "corrupt", {})}), flush=True)
         return
     expected = named(build(kind, seed))
     mismatched = [n for n, t in named(model).items() if not bytes_equal(t, expected[n])]
     print(json.dumps({"ok": not mismatched, "mismatched": mismatched[:5], "source": report.source,
                       "bytes": report.bytes, "resumed_bytes": report.resumed_bytes,
                       "refetched_bytes": report.refetched_bytes, "failed_at": failures.times,
+                      "verified": report.verified, "corrupt": report.corrupt,
+                      "digests": report.digests.to_wire() if report.digests else None,
                       "failures": {s: f"{type(e).__name__}: {e}" for s, e in report.failures.items()}}), flush=True)
 
 

@@ -69,6 +69,13 @@ class Source:
                 return now
             time.sleep(0.2)
 
+    def flip(self, name: str) -> None:
+        """Flip a bit of tensor ``name`` in the running source, in place."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"flip {name}\n")
+        self.proc.stdin.flush()
+        assert json.loads(_readline(self.proc, 30)) == {"flipped": name}
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)

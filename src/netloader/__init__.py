@@ -14,13 +14,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import LoadReport, load_weights, probe
+from .client import LoadReport, load_weights, probe, verify_source
 from .errors import (
     AuthenticationError,
     BusyError,
     ConfigError,
     ConnectError,
     IdentityMismatchError,
+    IntegrityError,
     ManifestMismatchError,
     MismatchError,
     NetloaderError,
@@ -42,6 +43,7 @@ __all__ = [
     "ConnectError",
     "Identity",
     "IdentityMismatchError",
+    "IntegrityError",
     "LoadReport",
     "Manifest",
     "ManifestMismatchError",
@@ -59,4 +61,5 @@ __all__ = [
     "__version__",
     "load_weights",
     "probe",
+    "verify_source",
 ]

@@ -7,7 +7,9 @@ On the same generated model it measures
 - **disk_cold** / **disk_warm**: the ordinary safetensors loader (:func:`netloader.demo.load_from_safetensors`)
   from a file evicted from the page cache before each run (``POSIX_FADV_DONTNEED``) / already cached;
 - **netloader**: :func:`netloader.load_weights` end to end (connect, handshake, manifest check, a fresh group,
-  transfer, weights in place);
+  transfer, weights in place; from an origin, the default ``verify`` checks no digest);
+- **netloader_verify**: the same with ``verify=True``, every tensor checked against the origin's digests (the pair
+  gives the digest check's cost);
 
 each into target tensors that are *touched* (written before, as after an engine's initialisation) and into
 *fresh* ones (never written: the first write pays the page faults). Every load is checked bit-exact afterwards
@@ -57,13 +59,14 @@ MODEL_ID = "netloader-bench"
 #: the loads authenticate, as a deployment would (the HMAC handshake is part of the measured time)
 TOKEN = "netloader-bench-token"
 #: the methods, in the order they run within a round (the cold disk load leaves the file cached for the warm one)
-METHODS = ("ceiling", "netloader", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
+METHODS = ("ceiling", "netloader", "netloader_verify", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
 LABELS = {
     "ceiling": "ceiling (raw gloo, one flat buffer)",
     "per_tensor": "per-tensor send/recv",
     "disk_cold": "safetensors, cold page cache",
     "disk_warm": "safetensors, warm page cache",
     "netloader": "netloader `load_weights`",
+    "netloader_verify": "netloader, `verify=True`",
     "netloader_gloo": "netloader, `transport=\"gloo\"`",
 }
 #: tensors start at multiples of this in the flat buffer
@@ -358,11 +361,12 @@ class Worker:
                 self.pair.recv([view], 0, 0).wait()
         elif method in ("disk_cold", "disk_warm"):
             load_from_safetensors(target.module, path)  # type: ignore[arg-type]
-        elif method in ("netloader", "netloader_gloo"):
+        elif method in ("netloader", "netloader_verify", "netloader_gloo"):
             assert address
             netloader.load_weights(
                 target.module, [address], model_id=MODEL_ID, token=TOKEN, progress=False, bucket_size=bucket,
                 transport="gloo" if method == "netloader_gloo" else "auto",
+                verify=True if method == "netloader_verify" else None,
             )
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -721,6 +725,11 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"target": f"netloader streams ≥ gloo transport (±5% noise), {key}", "value": r,
                         "goal": 0.95, "met": r >= 0.95})
     for key, model in models.items():
+        if model["kind"] == "moe" or model["bytes"] >= GiB * 0.99:
+            r = ratio(model, "netloader_verify", "netloader")
+            out.append({"target": f"checking every digest costs ≤ 10% (verify on / off), {key}", "value": r,
+                        "goal": 0.9, "met": r >= 0.9})
+    for key, model in models.items():
         if model["kind"] == "moe":
             r = ratio(model, "netloader", "per_tensor")
             out.append({"target": f"netloader ≥ 10 × per-tensor, {key}", "value": r, "goal": 10.0, "met": r >= 10})
@@ -785,15 +794,17 @@ def render_markdown(result: dict[str, Any], chart: str | None = None) -> str:
                 row = " | ".join(_fmt(model[target].get(k)) for k in METHODS)
                 lines.append(f"| {key} | {model['tensors']} | {_size_label(model['bytes'])} | {target} | {row} |")
     lines += ["", "### Ratios of medians", ""]
-    lines += ["| model | target memory | netloader / ceiling | netloader / gloo transport | netloader / per-tensor "
-              "| netloader / cold disk | netloader / warm disk |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| model | target memory | netloader / ceiling | `verify=True` / netloader | netloader / gloo transport "
+              "| netloader / per-tensor | netloader / cold disk | netloader / warm disk |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, model in result["models"].items():
         for target in ("touched", "fresh"):
             if target in model:
                 t = model[target]
                 n = t["netloader"]["median"]
-                others = ("ceiling", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
-                cells = [f"{n / t[o]['median']:.2f}" if o in t else "–" for o in others]
+                others = ("ceiling", "netloader_verify", "netloader_gloo", "per_tensor", "disk_cold", "disk_warm")
+                cells = [(f"{t[o]['median'] / n:.2f}" if o == "netloader_verify" else f"{n / t[o]['median']:.2f}")
+                         if o in t else "–" for o in others]
                 lines.append(f"| {key} | {target} | " + " | ".join(cells) + " |")
     lines += ["", "### Extra memory during a load (peak RSS above the process's RSS before it, MiB, touched targets)",
               "", "| model | netloader client | netloader source | per-tensor client | ceiling client "
@@ -866,7 +877,8 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> bool:
         logger.warning("netloader bench: matplotlib is not installed (pip install 'netloader[bench]'); no chart")
         return False
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-    colors = dict(zip(METHODS, ("#444444", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c"), strict=True))
+    colors = dict(zip(METHODS, ("#444444", "#1f77b4", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c",
+                                         "#8c564b"), strict=True))
     ax = axes[0][0]
     groups = [(k, t) for k, mm in result["models"].items() if "fresh" in mm for t in ("touched", "fresh")]
     width = 0.8 / len(METHODS)

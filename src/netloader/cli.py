@@ -1,5 +1,5 @@
-"""Command line: ``netloader probe HOST:PORT``, ``netloader sources --registry URL``, ``netloader serve FILE``,
-``netloader demo``, ``netloader bench``."""
+"""Command line: ``netloader probe [--verify] HOST:PORT``, ``netloader sources --registry URL``,
+``netloader serve FILE``, ``netloader demo``, ``netloader bench``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from .errors import NetloaderError
 def _probe(args: argparse.Namespace) -> int:
     from .client import probe
 
+    if args.verify:
+        return _verify(args)
     info = probe(args.address, token=args.token, timeout=args.timeout)
     if args.json:
         print(info.model_dump_json(indent=2))
@@ -33,6 +35,29 @@ def _probe(args: argparse.Namespace) -> int:
         f"transfers  {info.active_transfers} running of {info.max_concurrent} allowed, {info.transfers_served} served"
     )
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """The source hashes what it holds now and compares with the digests it serves: 0 all match, 1 some differ."""
+    from .client import verify_source
+
+    result = verify_source(args.address, token=args.token, timeout=args.timeout)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 1 if result.mismatches else 0
+    basis = ("digests computed by this request (no load served yet: nothing older to compare)" if result.computed_now
+             else "the digests it serves (its origin's)")
+    print(f"source     {args.address}: {result.tensors} tensors hashed ({result.algorithm}) in {result.seconds:.2f} s, "
+          f"compared with {basis}")
+    if not result.mismatches:
+        print(f"verify     0 of {result.tensors} tensors differ: every tensor matches")
+        return 0
+    print(f"verify     {result.mismatches} of {result.tensors} tensors differ from the served digests:")
+    for name in result.names:
+        print(f"  {name}")
+    if result.mismatches > len(result.names):
+        print(f"  ... and {result.mismatches - len(result.names)} more")
+    return 1
 
 
 def _sources(args: argparse.Namespace) -> int:
@@ -97,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     token_help = "shared token (default: $NETLOADER_TOKEN)"
 
-    p = sub.add_parser("probe", help="ask a source what it serves")
+    p = sub.add_parser("probe", help="ask a source what it serves (--verify: check its tensors against its digests)")
     p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--verify", action="store_true", help="the source hashes the tensors it holds now and compares "
+                   "them with the digests it serves; exit status 1 when any differ")
     p.add_argument("--token", default=os.environ.get("NETLOADER_TOKEN"), help=token_help)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true", help="print the raw answer as JSON")

@@ -66,6 +66,24 @@ class TransferTimeoutError(TransferError, TimeoutError):
     """A step of the transfer made no progress within the timeout."""
 
 
+class IntegrityError(TransferError):
+    """Tensors arrived whose bytes do not match the origin's digests (see :mod:`netloader.integrity`).
+
+    ``corrupt`` maps each source that sent bad bytes to the tensor names; ``failures`` (when the whole load failed)
+    maps every source tried to its error, as :class:`NoSourceError` does. The target must not be used.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        corrupt: Mapping[str, list[str]] | None = None,
+        failures: Mapping[str, BaseException] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.corrupt: dict[str, list[str]] = dict(corrupt or {})
+        self.failures: dict[str, BaseException] = dict(failures or {})
+
+
 class RegistryError(NetloaderError):
     """A registry could not be reached or answered in time (see :mod:`netloader.registry`)."""
 

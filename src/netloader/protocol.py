@@ -8,6 +8,7 @@ Conversation (S = source, C = client)::
 
     S: hello{proto, nonce, auth}        C: auth{proto, nonce, mac}        S: auth_ok{mac} | error
     C: probe                            S: info
+    C: verify                           S: verify_result | error{busy}
     C: load{identity, backend, ...}     S: manifest{tensors, params} | error{busy|mismatch|...}
     C: ready{missing} | abort           S: rendezvous{transfer, streams, heartbeat}
     ... both sides: heartbeat every second (and, for torch.distributed, store_set for its rendezvous) ...
@@ -48,6 +49,7 @@ _LEN = struct.Struct(">I")
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+Hex16 = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 ShortStr = Annotated[str, Field(max_length=1024)]
 LongStr = Annotated[str, Field(max_length=16384)]
 NonNeg = Annotated[int, Field(ge=0, le=2**62)]
@@ -122,11 +124,42 @@ class PlanWire(_Message):
     chunk_size: NonNeg
 
 
+class DigestsWire(_Message):
+    """The origin's digest of every moving tensor, in manifest order (see :mod:`netloader.integrity`)."""
+
+    algorithm: Literal["xxh3-64", "sum64"]
+    values: Annotated[list[Hex16], Field(max_length=4_000_000)]
+
+
 class ManifestMsg(_Message):
     type: Literal["manifest"] = "manifest"
     tensors: Annotated[list[TensorRow], Field(max_length=4_000_000)]
     total_bytes: NonNeg
     plan: PlanWire
+    digests: DigestsWire
+    #: the source serves digests it was given (a relay: its bytes came from another instance), not its own
+    relayed: bool = False
+
+
+class Verify(_Message):
+    """Ask a source to hash what it holds now and compare with the digests it serves."""
+
+    type: Literal["verify"] = "verify"
+
+
+#: most mismatching tensor names a ``verify_result`` lists (``mismatches`` counts them all)
+MAX_VERIFY_NAMES = 64
+
+
+class VerifyResult(_Message):
+    type: Literal["verify_result"] = "verify_result"
+    algorithm: ShortStr
+    tensors: NonNeg
+    mismatches: NonNeg
+    names: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=MAX_VERIFY_NAMES)]
+    seconds: Annotated[float, Field(ge=0)]
+    #: the served digests were computed by this request (no load had been served yet): nothing older to compare
+    computed_now: bool
 
 
 #: most ranges a ``ready`` may list (a resumed load misses a tail and a few holes of its in-flight window)
@@ -206,6 +239,8 @@ Message = Annotated[
     | AuthOk
     | Probe
     | Info
+    | Verify
+    | VerifyResult
     | Load
     | ManifestMsg
     | Ready

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, NetloaderError
+from .integrity import Digests
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import DEFAULT_BUCKET_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_DIRECT_THRESHOLD, PlanParams
 from .protocol import (
@@ -29,6 +30,7 @@ from .protocol import (
     Info,
     Load,
     Probe,
+    Verify,
     client_mac,
     expect,
     format_address,
@@ -77,6 +79,9 @@ class WeightServer:
       the server publishes its record there on :meth:`start`, refreshes it every ``registry_heartbeat`` seconds
       and removes it on :meth:`close`; a dead server's record vanishes ``registry_ttl`` seconds after its last
       heartbeat. A registry that is down is logged and never stops the serving.
+    - ``digests``: the origin's digests of these tensors (:class:`~netloader.integrity.Digests`, e.g. a client's
+      ``LoadReport.digests``): served unchanged, never recomputed, so a relay passes on what its origin computed.
+      None (an origin): computed once, at the first load this server serves.
     """
 
     def __init__(
@@ -103,9 +108,17 @@ class WeightServer:
         registry: str | None = None,
         registry_heartbeat: float = DEFAULT_HEARTBEAT,
         registry_ttl: float = DEFAULT_TTL,
+        digests: Digests | None = None,
     ) -> None:
         self.identity = Identity.build(model_id, rank, layout)
         self.tensors = TensorSet(model)
+        if digests is not None:
+            if not isinstance(digests, Digests):
+                raise ConfigError(f"digests must be a netloader.integrity.Digests, got {type(digests).__name__}")
+            try:
+                digests.check_for(self.tensors.manifest)
+            except ValueError as exc:
+                raise ConfigError(f"digests do not describe these tensors: {exc}") from None
         if transports is None:
             transports = ("auto",)
         if isinstance(transports, str) or not transports:
@@ -155,6 +168,7 @@ class WeightServer:
             handshake_timeout=self.handshake_timeout,
             heartbeat_timeout=self.heartbeat_timeout,
             closing=self._closing,
+            digests=digests,
         )
         self._publisher = (
             Publisher(registry, functools.partial(server_fields, self), heartbeat=registry_heartbeat, ttl=registry_ttl)
@@ -316,9 +330,18 @@ class WeightServer:
         else:
             reply = AuthOk(mac=None)
         send_message(conn, reply, timeout=hs)
-        request = expect(read_message(conn, timeout=hs, max_size=REQUEST_MAX_FRAME), Probe, Load, Attach)
+        request = expect(read_message(conn, timeout=hs, max_size=REQUEST_MAX_FRAME), Probe, Verify, Load, Attach)
         if isinstance(request, Probe):
             send_message(conn, self._info(), timeout=hs)
+            return
+        if isinstance(request, Verify):  # one at a time per source: a second is refused at once
+            result = self._transfers.verify()
+            if result is None:
+                self._refuse(conn, "busy", "a verify is already running on this source")
+                return
+            logger.info("netloader: verify for %s: %d of %d tensors differ from the served digests", who,
+                        result.mismatches, result.tensors)
+            send_message(conn, result, timeout=self.timeout)
             return
         if isinstance(request, Attach):  # a data connection: runs its stream on this thread
             self._transfers.attach(conn, request)

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from .channel import Channel
 from .errors import ConfigError, IdentityMismatchError, NetloaderError, ProtocolError, TransferError
 from .executor import Sender, sequence_of
+from .integrity import Digests, digests_of, mismatches
 from .manifest import Identity, TensorSet
 from .plan import MIN_BUCKET_SIZE, PlanParams, TransferPlan, make_plan
 from .protocol import (
+    MAX_VERIFY_NAMES,
     Abort,
     Attach,
     Attached,
@@ -30,6 +32,7 @@ from .protocol import (
     Load,
     Ready,
     Rendezvous,
+    VerifyResult,
     encode_trusted,
     expect,
     read_message,
@@ -68,6 +71,7 @@ class Transfers:
         handshake_timeout: float,
         heartbeat_timeout: float,
         closing: threading.Event,
+        digests: Digests | None = None,
     ) -> None:
         self.tensors = tensors
         self.identity = identity
@@ -82,6 +86,43 @@ class Transfers:
         self._lock = threading.Lock()
         self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
         self._waiting: dict[str, StreamTransport] = {}
+        #: the digests served: given (a relay passes on its origin's) or computed at the first load (an origin)
+        self._digests = digests
+        self.relayed = digests is not None
+        self._digest_lock = threading.Lock()
+        self._verify_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ digests
+
+    def digests(self) -> tuple[Digests, bool]:
+        """The digests this source serves, and whether this call computed them (once; later calls wait for it)."""
+        with self._digest_lock:
+            if self._digests is not None:
+                return self._digests, False
+            started = time.perf_counter()
+            self._digests = digests_of(self.tensors)
+            logger.info(
+                "netloader: %d tensor digests (%s) computed in %.2f s", len(self._digests.values),
+                self._digests.algorithm, time.perf_counter() - started,
+            )
+            return self._digests, True
+
+    def verify(self) -> VerifyResult | None:
+        """Hash what this source holds now and compare with the digests it serves (None: a verify is running)."""
+        if not self._verify_lock.acquire(blocking=False):
+            return None
+        try:
+            started = time.perf_counter()
+            digests, computed_now = self.digests()
+            bad = mismatches(self.tensors, digests)
+            moving = [s.name for s in self.tensors.manifest.specs if s.tied_to is None]
+            return VerifyResult(
+                algorithm=digests.algorithm, tensors=len(moving), mismatches=len(bad),
+                names=[moving[i] for i in bad[:MAX_VERIFY_NAMES]], seconds=time.perf_counter() - started,
+                computed_now=computed_now,
+            )
+        finally:
+            self._verify_lock.release()
 
     # ------------------------------------------------------------------ plans
 
@@ -95,6 +136,7 @@ class Transfers:
             cached = self._plans.get(params)
         if cached is None:
             manifest = self.tensors.manifest
+            digests, _ = self.digests()
             frame = encode_trusted(
                 {
                     "type": "manifest",
@@ -105,6 +147,8 @@ class Transfers:
                         "direct_threshold": params.direct_threshold,
                         "chunk_size": params.chunk_size,
                     },
+                    "digests": digests.to_wire(),
+                    "relayed": self.relayed,
                 }
             )
             cached = (make_plan(manifest, params), frame)

@@ -1,0 +1,187 @@
+"""End-to-end integrity: the origin's digests travel with the manifest and every client checks every tensor.
+
+Real source processes (tests/source_proc.py) and real client processes (tests/client_proc.py). The corrupting
+source is test-only: it takes its digests from the clean model, then flips bits in named tensors, as a relay
+whose memory or NIC damaged what it forwards would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import netloader
+from conftest import ENV, client_result, spawn_client
+from models import build, named
+from netloader import protocol as P
+from netloader.errors import ConfigError, ProtocolError
+from netloader.integrity import Digests, Verifier, digests_of, mismatches, ops_covering, tensor_digest
+from netloader.manifest import TensorSet
+from netloader.plan import PlanParams, make_plan
+from netloader.synthetic import bytes_equal
+
+#: one direct (large) and one packed (small) tensor
+BAD = ["large_float32", "small_int8"]
+
+
+def _load(sources: list[str], **extra: object) -> dict[str, object]:
+    return client_result(spawn_client({"model": "mixed", "expect_seed": 1, "sources": sources,
+                                       "model_id": "test-model", **extra}))
+
+
+def test_a_clean_load_checks_every_tensor(source):
+    src = source("mixed", seed=1)
+    out = _load([src.address], verify=True)
+    assert out["ok"] and out["verified"] is True and out["corrupt"] == {}
+    expected = digests_of(TensorSet(build("mixed", 1)))
+    assert out["digests"] == expected.to_wire()  # what the origin computed, as the client got it
+    default = _load([src.address])  # from the origin itself the default checks nothing (its cost: README)
+    assert default["ok"] and default["verified"] is False and default["digests"] == expected.to_wire()
+
+
+def test_a_corrupting_source_is_named_and_the_load_completes_bit_exact_from_the_next(source):
+    bad = source("mixed", seed=1, corrupt=BAD)
+    good = source("mixed", seed=1)
+    out = _load([bad.address, good.address])  # the default: a relay's bytes are checked, and all after it
+    assert out["ok"], out  # client_proc compared every tensor with the seed's bytes
+    assert out["source"] == good.address and out["verified"] is True
+    assert out["corrupt"] == {bad.address: BAD}
+    assert out["failures"][bad.address].startswith("IntegrityError") and "large_float32" in out["failures"][bad.address]
+    # only the messages carrying the bad tensors came from the second source
+    total = sum(t.numel() * t.element_size() for t in TensorSet(build("mixed", 1)).tensors)
+    assert 0 < out["bytes"] < total and out["resumed_bytes"] > 0
+    assert "reported a failed load" in bad.log_text() and "do not match the origin's digests" in bad.log_text()
+
+
+def test_with_no_other_source_the_load_fails_with_an_integrity_error(source):
+    bad = source("mixed", seed=1, corrupt=BAD)
+    out = _load([bad.address])
+    assert not out["ok"]
+    assert out["error"].startswith("IntegrityError: ")
+    assert "large_float32" in out["error"] and "small_int8" in out["error"] and bad.address in out["error"]
+    assert "must not be used" in out["error"]
+    assert out["corrupt"] == {bad.address: BAD}
+
+
+def test_a_source_serves_the_digests_it_was_given_unchanged(source):
+    # holding seed 1 but given seed 2's digests: a source that recomputed its own would pass every check
+    relay = source("mixed", seed=1, digests_seed=2)
+    out = _load([relay.address])
+    assert not out["ok"] and out["error"].startswith("IntegrityError")
+    [names] = out["corrupt"].values()
+    differing = [n for n, t in named(build("mixed", 1)).items() if not bytes_equal(t, named(build("mixed", 2))[n])]
+    assert set(names) <= set(differing) and len(names) >= len(differing) - 1  # the tied alias moves once
+
+
+def test_a_relay_passes_its_origins_digests_on(source):
+    origin = source("mixed", seed=1)
+    middle = build("mixed", None)
+    first = netloader.load_weights(middle, [origin.address], model_id="test-model", progress=False, verify=True)
+    assert first.verified and first.digests is not None
+    with netloader.WeightServer(middle, model_id="test-model", host="127.0.0.1", digests=first.digests) as relay:
+        last = _load([relay.address])  # the default checks a relay's bytes
+    assert last["ok"] and last["verified"] is True
+    assert last["digests"] == first.digests.to_wire()
+
+
+def _netloader(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "netloader", *args], capture_output=True, text=True, env=ENV,
+                          timeout=120, check=False)
+
+
+def test_probe_verify_reports_a_tensor_changed_in_place(source):
+    src = source("mixed", seed=1, token="t0k")
+    assert _load([src.address], token="t0k")["ok"]  # its first load fixed the digests it serves
+    clean = _netloader("probe", "--verify", src.address, "--token", "t0k")
+    assert clean.returncode == 0, clean.stderr
+    assert "0 of" in clean.stdout and "match" in clean.stdout
+    src.flip("large_bfloat16")
+    src.flip("scalar")
+    changed = _netloader("probe", "--verify", src.address, "--token", "t0k")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert "large_bfloat16" in changed.stdout and "scalar" in changed.stdout and "2 of" in changed.stdout
+    wrong = _netloader("probe", "--verify", src.address, "--token", "nope")
+    assert wrong.returncode == 2 and "AuthenticationError" in wrong.stderr
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3-64", "sum64"])
+def test_a_digest_sees_one_flipped_bit_anywhere_and_ignores_strides(algorithm):
+    base = torch.arange(4099, dtype=torch.int32).to(torch.uint8)  # not a multiple of 4 bytes: byte words
+    words = torch.arange(1 << 12, dtype=torch.float32)  # 32-bit words
+    for t in (base, words):
+        d = tensor_digest(t, algorithm)
+        raw = t.view(torch.uint8)
+        for at in (0, 1, raw.numel() // 2, raw.numel() - 1):
+            for bit in (0, 7):
+                raw[at] ^= 1 << bit
+                assert tensor_digest(t, algorithm) != d, (at, bit)
+                raw[at] ^= 1 << bit
+        assert tensor_digest(t, algorithm) == d
+    swapped = words.clone()
+    swapped[[3, 9]] = swapped[[9, 3]]
+    assert tensor_digest(swapped, algorithm) != tensor_digest(words, algorithm)
+    matrix = torch.randn(64, 48)
+    assert tensor_digest(matrix.t().contiguous(), algorithm) == tensor_digest(matrix.t(), algorithm)
+    assert tensor_digest(torch.empty(0, 3), algorithm) != tensor_digest(torch.zeros(1), algorithm)
+
+
+def test_digests_are_validated_before_use():
+    tensors = TensorSet(build("mixed", 1))
+    digests = digests_of(tensors)
+    wire = digests.to_wire()
+    assert Digests.from_wire(wire["algorithm"], wire["values"], tensors.manifest) == digests
+    with pytest.raises(ProtocolError, match="digests for"):
+        Digests.from_wire("xxh3-64", wire["values"][:-1], tensors.manifest)
+    with pytest.raises(ProtocolError, match="algorithm"):
+        Digests.from_wire("md5", wire["values"], tensors.manifest)
+    manifest = {"type": "manifest", "tensors": tensors.manifest.to_wire(), "total_bytes": 1,
+                "plan": {"bucket_size": 1 << 20, "direct_threshold": 1 << 20, "chunk_size": 1 << 20}}
+    for bad in ({"algorithm": "xxh3-64", "values": ["xyz"]}, {"algorithm": "xxh3-64", "values": ["0" * 17]},
+                {"algorithm": "crc", "values": []}, None):
+        with pytest.raises(ProtocolError):
+            P.decode(P.encode_trusted({**manifest, "digests": bad})[4:])
+    with pytest.raises(ConfigError, match="digests"):
+        netloader.WeightServer(build("mixed", 1), model_id="m", digests=Digests("xxh3-64", digests.values[:-1]))
+    with pytest.raises(ConfigError, match="verify"):
+        netloader.load_weights(build("mixed", None), ["127.0.0.1:1"], model_id="m", verify="yes")  # type: ignore
+
+
+def test_the_verifier_checks_each_tensor_once_its_last_message_is_in_place():
+    source = TensorSet(build("mixed", 1))
+    digests = digests_of(source)
+    target = TensorSet(build("mixed", None))
+    plan = make_plan(target.manifest, PlanParams(bucket_size=1 << 16, direct_threshold=1 << 15, chunk_size=1 << 16))
+    verified: dict[int, int] = {}
+    verifier = Verifier(plan, target, digests, set(), verified)
+    verifier.start()  # only the zero-byte tensor is whole before any message
+    assert verifier.bad == [] and len(verified) == 1
+    for i in range(len(plan.ops)):  # every tensor still zero when its last message "lands": all bad
+        verifier.on_op(i)
+    assert not verifier.complete and set(verifier.bad) == set(range(len(target.tensors))) - set(verified)
+    for src, dst in zip(source.tensors, target.tensors, strict=True):
+        dst.copy_(src)
+    assert mismatches(target, digests) == []
+    covering = ops_covering(plan, [0])
+    assert covering and all(any(s.index == 0 for s in plan.ops[i].segments) for i in covering)
+
+
+def test_a_source_runs_one_verify_at_a_time_and_says_when_its_digests_are_new():
+    model = build("mixed", 1)
+    with netloader.WeightServer(model, model_id="test-model", host="127.0.0.1", token="t") as server:
+        first = netloader.verify_source(server.address, token="t")  # no load served yet: computed by this request
+        assert first.computed_now and first.mismatches == 0 and first.tensors == len(server.tensors.tensors)
+        again = netloader.verify_source(server.address, token="t")
+        assert not again.computed_now and again.mismatches == 0
+        busy = pytest.raises(netloader.BusyError, match="verify is already running")
+        with server._transfers._verify_lock, busy:  # as if a verify were running
+            netloader.verify_source(server.address, token="t")
+        with torch.no_grad():
+            named(model)["small_float16"].view(-1)[0] += 1
+        changed = netloader.verify_source(server.address, token="t")
+        assert changed.mismatches == 1 and changed.names == ["small_float16"]
