@@ -9,8 +9,9 @@ Conversation (S = source, C = client)::
     S: hello{proto, nonce, auth}        C: auth{proto, nonce, mac}        S: auth_ok{mac} | error
     C: probe                            S: info
     C: load{identity, backend, ...}     S: manifest{tensors, params} | error{busy|mismatch|...}
-    C: ready{missing} | abort           S: rendezvous{transfer, streams, heartbeat}
+    C: ready{missing, more} | abort     S: rendezvous{transfer, streams, heartbeat} | error{failed}
     ... both sides: heartbeat every second (and, for torch.distributed, store_set for its rendezvous) ...
+    C: more{missing} ...                (only after ready{more: true}: a striped load's next unit of work)
     C: done{ok, bytes}
 
 A data connection (netloader streams) opens like a control connection, authenticates the same way, then::
@@ -135,10 +136,26 @@ OpRange = tuple[NonNeg, NonNeg]
 
 
 class Ready(_Message):
-    """``missing``: the plan's messages to send, as sorted, disjoint, non-empty ``[start, end)`` ranges (None: all)."""
+    """``missing``: the plan's messages to send, as sorted, disjoint, non-empty ``[start, end)`` ranges (None: all).
+
+    ``more``: a striped load; after these messages the source waits for ``more`` (the next unit, sent in the
+    order the client will receive them) or ``done``.
+    """
 
     type: Literal["ready"] = "ready"
     missing: Annotated[list[OpRange], Field(max_length=MAX_MISSING_RANGES)] | None = None
+    more: bool = False
+
+
+#: most ranges one ``more`` may list (a unit of work is a few consecutive ranges)
+MAX_MORE_RANGES = 1024
+
+
+class More(_Message):
+    """The next unit of work of a striped load: more of the plan's messages, as in ``ready``."""
+
+    type: Literal["more"] = "more"
+    missing: Annotated[list[OpRange], Field(min_length=1, max_length=MAX_MORE_RANGES)]
 
 
 class Abort(_Message):
@@ -191,7 +208,7 @@ class Done(_Message):
     message: LongStr = ""
 
 
-ErrorCode = Literal["busy", "auth", "mismatch", "protocol", "internal", "closing"]
+ErrorCode = Literal["busy", "auth", "mismatch", "protocol", "internal", "closing", "failed"]
 
 
 class Error(_Message):
@@ -209,6 +226,7 @@ Message = Annotated[
     | Load
     | ManifestMsg
     | Ready
+    | More
     | Abort
     | Rendezvous
     | Attach

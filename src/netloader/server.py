@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import __version__
-from .errors import ConfigError, NetloaderError
+from .errors import ConfigError, NetloaderError, NoSourceError, TransferError
 from .manifest import Identity, LayoutValue, TensorSet
 from .plan import DEFAULT_BUCKET_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_DIRECT_THRESHOLD, PlanParams
 from .protocol import (
@@ -39,10 +40,15 @@ from .protocol import (
     server_mac,
     tune_socket,
 )
+from .ratelimit import RateLimiter
 from .registry.base import DEFAULT_HEARTBEAT, DEFAULT_TTL
 from .registry.publisher import Publisher, server_fields
+from .relay import Availability
 from .serving import HEARTBEAT_INTERVAL, REQUEST_MAX_FRAME, Transfers
 from .transport.base import resolve_transport
+
+if TYPE_CHECKING:
+    from .client import LoadReport
 
 logger = logging.getLogger("netloader")
 
@@ -73,6 +79,12 @@ class WeightServer:
     - ``transports``: the transports clients may ask for (default: the device's own, netloader streams on CPU;
       add ``"gloo"`` only on a trusted network: gloo's listener is unauthenticated).
     - ``advertise_host``: the host part of :attr:`address` when listening on a wildcard address.
+    - ``ready``: False starts a *relay*: its tensors hold nothing yet, :meth:`fill` loads them from other sources,
+      and meanwhile the server already serves every message whose bytes are in place (a client waits, bounded by
+      ``timeout``, for the rest). Its registry record says ``filling`` with its progress, then ``ready``. If the
+      fill fails, every transfer waiting for bytes that are not in place fails at once with the reason.
+    - ``max_rate``: bytes per second that serving may take at most, all transfers and streams together (a live
+      source keeps its network and memory bandwidth for its own work); None: no cap.
     - ``registry``: a registry URL (``file:///dir``, ``redis://host:port/db``, see :mod:`netloader.registry`):
       the server publishes its record there on :meth:`start`, refreshes it every ``registry_heartbeat`` seconds
       and removes it on :meth:`close`; a dead server's record vanishes ``registry_ttl`` seconds after its last
@@ -103,9 +115,18 @@ class WeightServer:
         registry: str | None = None,
         registry_heartbeat: float = DEFAULT_HEARTBEAT,
         registry_ttl: float = DEFAULT_TTL,
+        ready: bool = True,
+        max_rate: float | None = None,
     ) -> None:
         self.identity = Identity.build(model_id, rank, layout)
         self.tensors = TensorSet(model)
+        self._model = model
+        if not isinstance(ready, bool):
+            raise ConfigError(f"ready must be True or False, got {ready!r}")
+        self._availability = None if ready else Availability([spec.nbytes for spec in self.tensors.manifest.moving])
+        self._limiter = RateLimiter(max_rate) if max_rate is not None else None
+        self.max_rate = max_rate
+        self._registry = registry
         if transports is None:
             transports = ("auto",)
         if isinstance(transports, str) or not transports:
@@ -155,6 +176,8 @@ class WeightServer:
             handshake_timeout=self.handshake_timeout,
             heartbeat_timeout=self.heartbeat_timeout,
             closing=self._closing,
+            availability=self._availability,
+            limiter=self._limiter,
         )
         self._publisher = (
             Publisher(registry, functools.partial(server_fields, self), heartbeat=registry_heartbeat, ttl=registry_ttl)
@@ -235,6 +258,77 @@ class WeightServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ relay
+
+    @property
+    def state(self) -> str:
+        """``ready`` (holds every weight) or ``filling`` (a relay still loading; it serves what it has)."""
+        a = self._availability
+        return "ready" if a is None or a.complete else "filling"
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the weights' bytes in place (1.0 when ready)."""
+        a = self._availability
+        return 1.0 if a is None else a.progress
+
+    @property
+    def fill_error(self) -> str | None:
+        """Why the last :meth:`fill` failed (None: it did not)."""
+        return None if self._availability is None else self._availability.failed
+
+    def fill(
+        self,
+        sources: Sequence[str] | None = None,
+        *,
+        registry: str | object | None = ...,
+        timeout: float = 60.0,
+        max_sources: int = 1,
+        progress: bool | None = None,
+        token: str | object | None = ...,
+        **kwargs: Any,
+    ) -> LoadReport:
+        """Load this relay's tensors (``ready=False``) from ``sources`` and/or ``registry`` (default: the server's
+        own registry; its own record is never used), serving what is in place meanwhile. Takes the arguments of
+        :func:`~netloader.load_weights` (``token`` defaults to the server's own). On failure the server stops
+        offering anything not in place (transfers waiting for it fail at once) and the error is raised."""
+        from .client import load_weights
+
+        availability = self._availability
+        if availability is None:
+            raise ConfigError("fill() is for a server started with ready=False")
+        availability.reset()
+        reg = self._registry if registry is ... else registry
+        tok = self.token if token is ... else token
+        try:
+            found = list(sources or [])
+            if reg is not None:
+                from .registry import find_sources
+
+                own_identity = self.identity
+                found = find_sources(str(reg), own_identity, found)
+            own = self.address if self._listener is not None else None
+            found = [s for s in dict.fromkeys(found) if s != own]
+            if not found:
+                raise NoSourceError({}, "no source to fill from (this relay's own record is not one)")
+            report = load_weights(
+                self._model, found, model_id=self.identity.model_id, rank=self.identity.rank,
+                layout=self.identity.layout, token=tok, timeout=timeout, max_sources=max_sources, progress=progress,
+                on_complete=lambda plan, i: availability.mark(plan.ops[i].segments), **kwargs,
+            )
+            if not availability.complete:  # cannot happen: every message of the plan is in place
+                raise TransferError(f"the fill left {availability.total - availability.bytes} bytes missing")
+        except BaseException as exc:
+            availability.fail(f"{type(exc).__name__}: {exc}")
+            logger.warning("netloader: relay %r rank %d: fill failed: %s", self.identity.model_id,
+                           self.identity.rank, exc)
+            if self._publisher is not None:
+                self._publisher.stop()  # a failed relay is no source: its record goes
+            raise
+        if self._publisher is not None:
+            self._publisher.poke()  # "ready" now, not at the next heartbeat
+        return report
 
     @property
     def active_transfers(self) -> int:

@@ -14,7 +14,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .channel import Channel
 from .errors import ConfigError, IdentityMismatchError, NetloaderError, ProtocolError, TransferError
@@ -28,6 +28,7 @@ from .protocol import (
     Done,
     Error,
     Load,
+    More,
     Ready,
     Rendezvous,
     encode_trusted,
@@ -37,6 +38,8 @@ from .protocol import (
     send_message,
     validate_missing,
 )
+from .ratelimit import RateLimiter
+from .relay import Availability
 from .transport.base import Transport
 from .transport.dist import SOURCE_RANK, ControlStore, DistTransport, form_group
 from .transport.streams import StreamTransport, tune_data_socket
@@ -68,8 +71,14 @@ class Transfers:
         handshake_timeout: float,
         heartbeat_timeout: float,
         closing: threading.Event,
+        availability: Availability | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.tensors = tensors
+        #: a relay's bytes in place (None: a ready server, everything is in place)
+        self.availability = availability
+        #: ``max_rate``: shared by every transfer
+        self.limiter = limiter
         self.identity = identity
         self.params = params
         self.transports = tuple(transports)
@@ -142,6 +151,9 @@ class Transfers:
             _refuse(conn, "mismatch", str(exc), self.handshake_timeout)
             logger.info("netloader: refused %s: %s", who, exc)
             return
+        if self.availability is not None and self.availability.failed is not None:
+            _refuse(conn, "failed", f"this relay's own load failed: {self.availability.failed}", self.handshake_timeout)
+            return
         plan, frame = self.plan_for(request.bucket_size)
         send_frame(conn, frame, timeout=self.timeout)
         answer = expect(read_message(conn, timeout=self.timeout, max_size=READY_MAX_FRAME), Ready, Abort)
@@ -154,10 +166,18 @@ class Transfers:
             _refuse(conn, "protocol", f"invalid ready: {exc}", self.handshake_timeout)
             raise
         sequence = sequence_of(missing)
-        self._run(conn, who, request.backend, plan, sequence, resumed=answer.missing is not None)
+        self._run(conn, who, request.backend, plan, sequence, resumed=answer.missing is not None, more=answer.more)
 
     def _run(
-        self, conn: socket.socket, who: str, kind: str, plan: TransferPlan, sequence: list[int], *, resumed: bool
+        self,
+        conn: socket.socket,
+        who: str,
+        kind: str,
+        plan: TransferPlan,
+        sequence: list[int],
+        *,
+        resumed: bool,
+        more: bool = False,
     ) -> None:
         transfer_id = secrets.token_hex(16)
         streams = self.streams if kind == "streams" else GLOO_STREAMS
@@ -172,11 +192,23 @@ class Transfers:
             interval=HEARTBEAT_INTERVAL, max_frame=REQUEST_MAX_FRAME, store=kind != "streams",
         )
         sent = 0
+        done: Done | None = None
 
         def check() -> None:
             if self.closing.is_set():
                 raise TransferError("the source is shutting down")
             channel.check()
+
+        def units() -> Iterator[list[int]]:
+            """The ready's messages, then (a striped load) each ``more`` until the client's ``done``."""
+            nonlocal done
+            yield sequence
+            while more:
+                message = channel.next_message(More, Done, timeout=self.timeout)
+                if isinstance(message, Done):
+                    done = message
+                    return
+                yield sequence_of(validate_missing(message.missing, len(plan.ops)))
 
         try:
             send_message(
@@ -185,7 +217,11 @@ class Transfers:
                 timeout=self.handshake_timeout,
             )
             channel.start()
-            if sequence:
+            if sequence or more:
+                if transport is None and kind == "streams":
+                    transport = StreamTransport(streams, timeout=self.timeout, sending=True, peer="client")
+                    with self._lock:
+                        self._waiting[transfer_id] = transport
                 if isinstance(transport, StreamTransport):
                     transport.wait_attached(time.monotonic() + self.handshake_timeout, check)
                 else:
@@ -195,10 +231,14 @@ class Transfers:
                         timeout=self.timeout, streams=streams, check=check,
                     )
                     transport = DistTransport(group, store, self.tensors.device)
-                sender = Sender(plan, self.tensors.tensors, transport, device=self.tensors.device, check=check)
+                sender = Sender(
+                    plan, self.tensors.tensors, transport, device=self.tensors.device, check=check,
+                    before_op=self._before_op(plan, check, channel),
+                )
                 transport = None  # the sender closes it, whatever happens
-                sent = sender.run(sequence)
-            done = channel.next_message(Done, timeout=self.timeout)
+                sent = sender.run_units(units())
+            if done is None:
+                done = channel.next_message(Done, timeout=self.timeout)
         finally:
             with self._lock:
                 self._waiting.pop(transfer_id, None)
@@ -220,8 +260,31 @@ class Transfers:
             kind,
             self.identity.model_id,
             self.identity.rank,
-            f", resumed: {len(sequence)} of {len(plan.ops)} messages" if resumed else "",
+            f", resumed: {len(sequence)} of {len(plan.ops)} messages" if resumed and not more else "",
         )
+
+    def _before_op(
+        self, plan: TransferPlan, check: Callable[[], None], channel: Channel
+    ) -> Callable[[int], None] | None:
+        """What the sender does before reading message ``i``: a relay waits for its bytes, ``max_rate`` waits for
+        its tokens."""
+        availability, limiter, ops, timeout = self.availability, self.limiter, plan.ops, self.timeout
+        if availability is None and limiter is None:
+            return None
+
+        def before(i: int) -> None:
+            if availability is not None and not availability.complete:
+                try:
+                    availability.wait(ops[i].segments, timeout, check)
+                except TransferError as exc:
+                    if availability.failed is not None:  # tell the client why before the streams close
+                        with contextlib.suppress(NetloaderError):
+                            channel.send(Error(code="failed", message=str(exc)[:16000]))
+                    raise
+            if limiter is not None:
+                limiter.take(ops[i].nbytes, check)
+
+        return before
 
 
 def _refuse(conn: socket.socket, code: str, message: str, timeout: float) -> None:
