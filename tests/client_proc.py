@@ -4,7 +4,8 @@ argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "m
 "die_at": fraction (SIGKILL itself there), "mark_at": fraction (print {"mark": fraction} there and go on)}
 ("sources" may be left out for a client that only has a "registry").
 Prints one JSON line: {"ok", "mismatched", "source", "bytes", "resumed_bytes", "refetched_bytes", "failed_at"
-(source -> wall-clock time its failure was noticed), "failures" (source -> error text), "error"}.
+(source -> wall-clock time its failure was noticed), "failures" (source -> error text), "by_source" (source ->
+bytes), "seconds", "finished_at", "error"}.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     print(json.dumps({"ok": not mismatched, "mismatched": mismatched[:5], "source": report.source,
                       "bytes": report.bytes, "resumed_bytes": report.resumed_bytes,
                       "refetched_bytes": report.refetched_bytes, "failed_at": failures.times,
+                      "by_source": report.sources, "seconds": report.seconds, "finished_at": time.time(),
                       "failures": {s: f"{type(e).__name__}: {e}" for s, e in report.failures.items()}}), flush=True)
 
 

@@ -81,7 +81,8 @@ class WeightServer:
     - ``advertise_host``: the host part of :attr:`address` when listening on a wildcard address.
     - ``ready``: False starts a *relay*: its tensors hold nothing yet, :meth:`fill` loads them from other sources,
       and meanwhile the server already serves every message whose bytes are in place (a client waits, bounded by
-      ``timeout``, for the rest). Its registry record says ``filling`` with its progress, then ``ready``. If the
+      ``timeout``, for the rest). It registers when its fill starts (after its own lookup), as ``filling`` with
+      its progress, then ``ready``. If the
       fill fails, every transfer waiting for bytes that are not in place fails at once with the reason.
     - ``max_rate``: bytes per second that serving may take at most, all transfers and streams together (a live
       source keeps its network and memory bandwidth for its own work); None: no cap.
@@ -215,8 +216,8 @@ class WeightServer:
         )
         if "gloo" in self.transports:
             logger.warning("netloader: gloo transfers open gloo's own listening port, which is unauthenticated")
-        if self._publisher is not None:
-            self._publisher.start()
+        if self._publisher is not None and self._availability is None:
+            self._publisher.start()  # a relay registers when its fill starts (see fill)
         return self
 
     @property
@@ -312,6 +313,10 @@ class WeightServer:
             found = [s for s in dict.fromkeys(found) if s != own]
             if not found:
                 raise NoSourceError({}, "no source to fill from (this relay's own record is not one)")
+            if self._publisher is not None and self._listener is not None:
+                # registered only now, after its own lookup: a relay only ever pulls from relays that started
+                # before it, so relays never wait on each other in a cycle; the next instance finds it at once
+                self._publisher.start()
             report = load_weights(
                 self._model, found, model_id=self.identity.model_id, rank=self.identity.rank,
                 layout=self.identity.layout, token=tok, timeout=timeout, max_sources=max_sources, progress=progress,
