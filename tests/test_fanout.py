@@ -178,7 +178,7 @@ def test_a_relay_killed_mid_fill_leaves_its_downstream_to_complete_from_elsewher
     relay = _relay(net.add_host("relay", rate_mbit=RATE), tmp_path, "llama192", sources=[origin.address],
                    mark_at=0.4)
     client = _client(net.add_host("new", rate_mbit=RATE), [relay.address, origin.address], "llama192")
-    _mark(relay)
+    _mark(relay.proc)
     relay.kill()
     result = _result(client)
     assert result["ok"], result
