@@ -103,7 +103,7 @@ def test_max_rate_caps_what_serving_takes():
         model = build("mixed", None)
         report = netloader.load_weights(model, [server.address], model_id="relay-test", progress=False)
         _exact(model, "mixed")
-        burst = max(rate / 10, 1 << 20)
+        burst = max(rate / 100, 1 << 20)
         assert report.seconds >= (report.bytes - burst) / rate  # a floor: a slow machine cannot make this fail
     finally:
         server.close()

@@ -180,11 +180,13 @@ class WeightServer:
             availability=self._availability,
             limiter=self._limiter,
         )
-        self._publisher = (
-            Publisher(registry, functools.partial(server_fields, self), heartbeat=registry_heartbeat, ttl=registry_ttl)
-            if registry is not None
-            else None
-        )
+        self._new_publisher = functools.partial(self._make_publisher, registry, registry_heartbeat, registry_ttl)
+        self._publisher = self._new_publisher()
+
+    def _make_publisher(self, registry: str | None, heartbeat: float, ttl: float) -> Publisher | None:
+        if registry is None:
+            return None
+        return Publisher(registry, functools.partial(server_fields, self), heartbeat=heartbeat, ttl=ttl)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -330,6 +332,7 @@ class WeightServer:
                            self.identity.rank, exc)
             if self._publisher is not None:
                 self._publisher.stop()  # a failed relay is no source: its record goes
+                self._publisher = self._new_publisher()  # a later fill() registers afresh
             raise
         if self._publisher is not None:
             self._publisher.poke()  # "ready" now, not at the next heartbeat
