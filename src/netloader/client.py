@@ -138,6 +138,7 @@ def load_weights(
     transport: str = "auto",
     max_sources: int = 1,
     on_complete: Callable[[TransferPlan, int], None] | None = None,
+    chunk_size: int | None = None,
 ) -> LoadReport:
     """Fill ``model``'s tensors in place from the first source in ``sources`` that can serve them.
 
@@ -150,9 +151,10 @@ def load_weights(
     source is asked for exactly the missing ones. ``transport``: ``"auto"`` (netloader streams on CPU, NCCL on
     CUDA, HCCL on Ascend) or ``"gloo"`` (CPU, trusted networks only; the source must offer it). ``progress``
     shows a tqdm bar (default: when stderr is a terminal); ``on_progress(bytes_done, bytes_total)`` is called after each
-    message from the loading thread. ``bucket_size`` asks the source for smaller packed messages. Raises
-    :class:`~netloader.NoSourceError` listing every source and its reason when none succeeds; if the last
-    failure happened mid-transfer the target is partly written and must not be used.
+    message from the loading thread. ``bucket_size`` asks the source for smaller packed messages, ``chunk_size``
+    for smaller pieces of large tensors. Raises :class:`~netloader.NoSourceError` listing every source and its
+    reason when none succeeds; if the last failure happened mid-transfer the target is partly written and must
+    not be used.
 
     ``max_sources`` > 1 stripes the load: up to that many sources (the first ones that answer, in order) serve
     disjoint units of the plan at once, each taking its next unit when it nears the end of its current one, so a
@@ -176,13 +178,15 @@ def load_weights(
         raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if bucket_size is not None:
         PlanParams(bucket_size, 1)  # validates the range
+    if chunk_size is not None:
+        PlanParams(chunk_size=chunk_size)
     check_heartbeat_timeout(heartbeat_timeout)
     if not isinstance(transport, str):
         raise ConfigError(f"transport must be a string, got {transport!r}")
     if isinstance(max_sources, bool) or not isinstance(max_sources, int) or not 1 <= max_sources <= MAX_SOURCES:
         raise ConfigError(f"max_sources must be an int within [1, {MAX_SOURCES}], got {max_sources!r}")
     options = _Options(float(timeout), float(heartbeat_timeout), transport, progress, bucket_size, on_progress,
-                       max_sources, on_complete)
+                       max_sources, on_complete, chunk_size)
     if registry is not None:
         from .registry import DEFAULT_TIMEOUT as REGISTRY_TIMEOUT
         from .registry import find_sources
@@ -202,6 +206,7 @@ class _Options:
     on_progress: Callable[[int, int], None] | None
     max_sources: int = 1
     on_complete: Callable[[TransferPlan, int], None] | None = None
+    chunk_size: int | None = None
 
 
 @contextlib.contextmanager
@@ -341,6 +346,7 @@ def _load_from(
                     layout=dict(identity.layout),
                     backend=kind,
                     bucket_size=wanted_bucket,
+                    chunk_size=options.chunk_size,
                 ),
                 timeout=timeout,
             )
@@ -622,7 +628,7 @@ def _stripe_session(
             send_message(
                 conn,
                 Load(model_id=identity.model_id, rank=identity.rank, layout=dict(identity.layout), backend=kind,
-                     bucket_size=wanted_bucket),
+                     bucket_size=wanted_bucket, chunk_size=options.chunk_size),
                 timeout=timeout,
             )
             offer = expect(read_message(conn, timeout=timeout), ManifestMsg)

@@ -55,7 +55,8 @@ def worker(spec: dict[str, Any]) -> None:
     host = spec["host"]
     if spec["role"] == "origin":
         fill_(model, 7)
-        server = netloader.WeightServer(model, model_id=MODEL_ID, host=host, max_concurrent=16, timeout=300).start()
+        server = netloader.WeightServer(model, model_id=MODEL_ID, host=host, max_concurrent=16, timeout=300,
+                                        chunk_size=spec.get("chunk", 16 * MiB)).start()
         print(json.dumps({"address": server.address, "digest": _digest(model)}), flush=True)
         sys.stdin.read()
         server.close()
@@ -65,7 +66,8 @@ def worker(spec: dict[str, Any]) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "relay":  # a fresh relay for the next load: its address now, its fill on "load"
-            relay = netloader.WeightServer(model, model_id=MODEL_ID, host=host, ready=False, timeout=300).start()
+            relay = netloader.WeightServer(model, model_id=MODEL_ID, host=host, ready=False, timeout=300,
+                                           chunk_size=spec.get("chunk", 16 * MiB)).start()
             print(json.dumps({"address": relay.address}), flush=True)
             continue
         if cmd["cmd"] != "load":
@@ -113,8 +115,9 @@ class _Proc:
         return json.loads(line)
 
 
-def _spawn(host: Any, role: str, nbytes: int) -> _Proc:
-    spec = {"role": role, "nbytes": nbytes, "host": host.address if host is not None else "127.0.0.1"}
+def _spawn(host: Any, role: str, nbytes: int, chunk: int = 16 * MiB) -> _Proc:
+    spec = {"role": role, "nbytes": nbytes, "host": host.address if host is not None else "127.0.0.1",
+            "chunk": chunk}
     argv = [sys.executable, "-m", "netloader.fleet", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     kwargs: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "env": env}

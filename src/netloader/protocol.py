@@ -115,6 +115,8 @@ class Load(_Message):
     layout: Layout
     backend: ShortStr
     bucket_size: NonNeg | None = None
+    #: smaller pieces for large tensors (a relay's fill: each hop forwards a piece once it is whole)
+    chunk_size: NonNeg | None = None
 
 
 class PlanWire(_Message):

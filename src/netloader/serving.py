@@ -94,12 +94,16 @@ class Transfers:
 
     # ------------------------------------------------------------------ plans
 
-    def plan_for(self, bucket_size: int | None) -> tuple[TransferPlan, bytes]:
-        """The plan (and its encoded manifest message) for a client's bucket size, capped at the server's."""
+    def plan_for(self, bucket_size: int | None, chunk_size: int | None = None) -> tuple[TransferPlan, bytes]:
+        """The plan (and its encoded manifest message) for a client's bucket and chunk sizes, capped at the
+        server's."""
         size = self.params.bucket_size
         if bucket_size is not None:
             size = max(MIN_BUCKET_SIZE, min(bucket_size, size))
-        params = PlanParams(size, min(self.params.direct_threshold, size), self.params.chunk_size)
+        chunk = self.params.chunk_size
+        if chunk_size is not None:
+            chunk = max(MIN_BUCKET_SIZE, min(chunk_size, chunk))
+        params = PlanParams(size, min(self.params.direct_threshold, size), chunk)
         with self._lock:
             cached = self._plans.get(params)
         if cached is None:
@@ -154,7 +158,7 @@ class Transfers:
         if self.availability is not None and self.availability.failed is not None:
             _refuse(conn, "failed", f"this relay's own load failed: {self.availability.failed}", self.handshake_timeout)
             return
-        plan, frame = self.plan_for(request.bucket_size)
+        plan, frame = self.plan_for(request.bucket_size, request.chunk_size)
         send_frame(conn, frame, timeout=self.timeout)
         answer = expect(read_message(conn, timeout=self.timeout, max_size=READY_MAX_FRAME), Ready, Abort)
         if isinstance(answer, Abort):
