@@ -75,11 +75,12 @@ test: setup
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
-# every loading method side by side (see BENCHMARKS.md): writes bench/results/<date>.json and .png and the
+# every loading method side by side, then the fleet (fan-out, striping on emulated hosts; see BENCHMARKS.md): writes bench/results/<date>.json and .png and the
 # tables of BENCHMARKS.md; matplotlib (the `bench` extra) is installed here only, `make test` does not need it
 bench: setup
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m netloader bench --out bench/results --markdown BENCHMARKS.md
+	OMP_NUM_THREADS=1 $(PY) -m netloader bench --fleet --out bench/results --markdown BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -5,7 +5,8 @@ argv[1] is a JSON spec: {"model": kind, "expect_seed": int, "sources": [...], "m
 ("sources" may be left out for a client that only has a "registry").
 Prints one JSON line: {"ok", "mismatched", "source", "bytes", "resumed_bytes", "refetched_bytes", "failed_at"
 (source -> wall-clock time its failure was noticed), "failures" (source -> error text), "verified", "corrupt"
-(source -> tensor names), "digests" (as on the wire), "error"}.
+(source -> tensor names), "digests" (as on the wire), "by_source" (source -> bytes), "seconds", "finished_at",
+"error"}.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
                       "refetched_bytes": report.refetched_bytes, "failed_at": failures.times,
                       "verified": report.verified, "corrupt": report.corrupt,
                       "digests": report.digests.to_wire() if report.digests else None,
+                      "by_source": report.sources, "seconds": report.seconds, "finished_at": time.time(),
                       "failures": {s: f"{type(e).__name__}: {e}" for s, e in report.failures.items()}}), flush=True)
 
 

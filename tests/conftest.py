@@ -127,3 +127,13 @@ def client_result(proc: subprocess.Popen[str], timeout: float = 180) -> dict[str
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
     return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def net() -> Iterator[Any]:
+    """A switch of emulated hosts (:mod:`netloader.testing.hosts`), torn down after the test. Where namespaces
+    cannot be made (not root, no iproute2) the test fails with the reason: it is not skipped."""
+    from netloader.testing.hosts import Network
+
+    with Network() as network:
+        yield network

@@ -410,3 +410,28 @@ def test_data_connections_that_repeat_or_never_come_are_refused_and_the_slot_com
         sock.close()
     assert "did not attach" in src.log_text()
     _load_is_bit_exact(src.address, 8)
+
+
+@pytest.mark.parametrize("bad", [[(0, 10**9)], [(3, 2)], [(2, 4), (3, 5)]], ids=["beyond", "empty", "overlapping"])
+def test_a_striped_session_asking_for_invalid_more_is_dropped_and_breaks_nothing(source, bad):
+    src = source("mixed", seed=9, handshake_timeout=2.0, max_concurrent=1)
+    ctl = rawpeer.authenticate(src.address)
+    P.send_message(ctl, P.Load(model_id="test-model", rank=0, layout={}, backend="streams"), timeout=5)
+    P.expect(P.read_message(ctl, timeout=10), P.ManifestMsg)
+    P.send_message(ctl, P.Ready(missing=[(0, 1)], more=True), timeout=5)
+    rendezvous = P.expect(P.read_message(ctl, timeout=10), P.Rendezvous)
+    streams = []
+    for stream in range(rendezvous.streams):
+        sock = rawpeer.authenticate(src.address)
+        P.send_message(sock, P.Attach(transfer=rendezvous.transfer, stream=stream), timeout=5)
+        P.expect(P.read_message(sock, timeout=10), P.Attached)
+        streams.append(sock)
+    rawpeer.send_frame(ctl, json.dumps({"type": "more", "missing": bad}).encode())
+    deadline = time.monotonic() + 30
+    while src.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert src.stats()["active"] == 0  # the transfer was dropped and its slot came back
+    for sock in (ctl, *streams):
+        sock.close()
+    assert src.proc.poll() is None
+    _load_is_bit_exact(src.address, 9)

@@ -956,6 +956,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", help="regenerate the table section of this file (e.g. BENCHMARKS.md)")
     p.add_argument("--workdir", help="where the temporary safetensors files go (default: the system's temp dir)")
     p.add_argument("--from-json", help="do not measure: render the chart and markdown from this result file")
+    p.add_argument("--fleet", action="store_true", help="only the fleet benchmark: fan-out (pull vs relay) and "
+                   "striping on emulated hosts with their own links (root; see netloader.fleet)")
+    p.add_argument("--fleet-mib", type=float, default=200.0, help="the fleet benchmark's model size (default 200)")
+    p.add_argument("--fleet-mbit", type=float, default=400.0, help="each emulated host's link (default 400 Mbit/s)")
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -998,6 +1002,8 @@ def _measurements(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]
 def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "fleet", False):
+        return _run_fleet(args, out)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         stem = out / Path(args.from_json).stem
@@ -1026,6 +1032,37 @@ def run_bench(args: argparse.Namespace) -> int:
     if bad:
         print(f"netloader bench: NOT bit-exact: {bad}", file=sys.stderr)
         return 1
+    return 0
+
+
+FLEET_BEGIN = "<!-- netloader bench --fleet: begin -->"
+FLEET_END = "<!-- netloader bench --fleet: end -->"
+
+
+def _run_fleet(args: argparse.Namespace, out: Path) -> int:
+    from .fleet import render as render_fleet
+    from .fleet import run_fleet
+
+    result = run_fleet(int(args.fleet_mib * MiB), runs=args.runs, mbit=args.fleet_mbit,
+                       log=lambda s: print(s, flush=True))
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    result["machine"] = machine_info()
+    path = out / f"fleet-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    table = render_fleet(result)
+    print(table)
+    if args.markdown:
+        p = Path(args.markdown)
+        text = p.read_text() if p.exists() else "# Benchmarks\n\n"
+        block = f"{FLEET_BEGIN}\n{table}\n{FLEET_END}"
+        if FLEET_BEGIN in text and FLEET_END in text:
+            head, rest = text.split(FLEET_BEGIN, 1)
+            text = head + block + rest.split(FLEET_END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n## Fleet: fan-out and striping on emulated hosts\n\n" + block + "\n"
+        p.write_text(text)
+        print(f"updated {args.markdown}")
     return 0
 
 

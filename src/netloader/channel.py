@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from .errors import ProtocolError, TransferError, TransferTimeoutError
-from .protocol import Heartbeat, StoreSet, _Message, decode, encode
+from .protocol import Error, Heartbeat, StoreSet, _Message, decode, encode
 
 #: read size of the reader thread
 _CHUNK = 65536
@@ -66,6 +66,8 @@ class Channel:
         self._last_heard = time.monotonic()
         self._closed_by_peer = False
         self._error: str | None = None
+        #: the reason the peer sent with an ``error`` during the transfer
+        self.gave_up: str | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe()  # wakes the reader's select at close
@@ -181,6 +183,11 @@ class Channel:
         if isinstance(message, Heartbeat):
             return
         with self._cv:
+            if isinstance(message, Error):  # the peer gives up and says why (e.g. a relay whose own load failed)
+                self.gave_up = f"the {self.peer} gave up: {message.message}"
+                self._error = self._error or self.gave_up
+                self._cv.notify_all()
+                return
             if isinstance(message, StoreSet):
                 if not self._store_allowed:
                     raise ProtocolError("store_set outside a torch.distributed rendezvous")
@@ -206,6 +213,15 @@ class Channel:
         if silent > self.heartbeat_timeout:
             limit = self.heartbeat_timeout
             raise self._silence_error(f"sent nothing for {silent:.1f} s (heartbeat_timeout {limit:g} s)")
+
+    def reason_given(self, wait: float) -> str | None:
+        """The reason the peer sent for giving up, waiting at most ``wait`` s for it (its data connections may
+        close a moment before its control message arrives)."""
+        deadline = time.monotonic() + wait
+        with self._cv:
+            while self.gave_up is None and not self._closed_by_peer and time.monotonic() < deadline:
+                self._cv.wait(0.02)
+            return self.gave_up
 
     def _silence_error(self, what: str) -> TransferTimeoutError:
         state = link_state(self.sock)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +50,7 @@ from .protocol import (
     Info,
     Load,
     ManifestMsg,
+    More,
     PeerClosedError,
     Probe,
     Ready,
@@ -66,6 +70,7 @@ from .protocol import (
     tune_socket,
 )
 from .server import DEFAULT_HEARTBEAT_TIMEOUT, check_heartbeat_timeout
+from .stripe import WorkPool, cut_units, unit_size
 from .transport.base import Transport, resolve_transport
 from .transport.dist import CLIENT_RANK, ControlStore, DistTransport, form_group
 from .transport.streams import StreamTransport, tune_data_socket
@@ -73,6 +78,8 @@ from .transport.streams import StreamTransport, tune_data_socket
 logger = logging.getLogger("netloader")
 
 DEFAULT_TIMEOUT = 60.0
+#: most sources one striped load uses at once
+MAX_SOURCES = 16
 
 
 @dataclass
@@ -99,6 +106,8 @@ class LoadReport:
     corrupt: dict[str, list[str]] = field(default_factory=dict)
     #: the origin's digests the load was checked against: what a relay serving these tensors passes on
     digests: Digests | None = None
+    #: tensor bytes received from each source (a striped load has several; ``source`` is the one that gave most)
+    sources: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -142,6 +151,10 @@ def load_weights(
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     transport: str = "auto",
     verify: bool | None = None,
+    max_sources: int = 1,
+    on_complete: Callable[[TransferPlan, int], None] | None = None,
+    chunk_size: int | None = None,
+    on_digests: Callable[[Digests], None] | None = None,
 ) -> LoadReport:
     """Fill ``model``'s tensors in place from the first source in ``sources`` that can serve them.
 
@@ -154,9 +167,20 @@ def load_weights(
     source is asked for exactly the missing ones. ``transport``: ``"auto"`` (netloader streams on CPU, NCCL on
     CUDA, HCCL on Ascend) or ``"gloo"`` (CPU, trusted networks only; the source must offer it). ``progress``
     shows a tqdm bar (default: when stderr is a terminal); ``on_progress(bytes_done, bytes_total)`` is called after each
-    message from the loading thread. ``bucket_size`` asks the source for smaller packed messages. Raises
-    :class:`~netloader.NoSourceError` listing every source and its reason when none succeeds; if the last
-    failure happened mid-transfer the target is partly written and must not be used.
+    message from the loading thread. ``bucket_size`` asks the source for smaller packed messages, ``chunk_size``
+    for smaller pieces of large tensors. Raises :class:`~netloader.NoSourceError` listing every source and its
+    reason when none succeeds; if the last failure happened mid-transfer the target is partly written and must
+    not be used.
+
+    ``max_sources`` > 1 stripes the load: up to that many sources (the first ones that answer, in order) serve
+    disjoint units of the plan at once, each taking its next unit when it nears the end of its current one, so a
+    faster source serves more; a failed source's unfinished units go to the others (or to the next source in
+    line), and :attr:`LoadReport.sources` says how many bytes came from each. All of them must offer the same
+    transfer plan (one that offers another is skipped). ``on_complete(plan, i)`` is called (from a loading
+    thread) once message ``i`` of ``plan`` is in place, and ``on_digests(digests)`` with each source's digests of
+the origin as soon as its manifest arrives (a relay's :meth:`~netloader.WeightServer.fill` uses both: it serves
+what is in place, with its origin's digests, while it loads). A striped load does not check digests yet:
+``verify=True`` with ``max_sources`` > 1 is refused.
 
     ``registry`` (a URL, see :mod:`netloader.registry`): after the explicit ``sources``, try the registry's live
     sources of exactly this identity, best first. With no explicit source and none in the registry,
@@ -181,12 +205,20 @@ def load_weights(
         raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if bucket_size is not None:
         PlanParams(bucket_size, 1)  # validates the range
+    if chunk_size is not None:
+        PlanParams(chunk_size=chunk_size)
     check_heartbeat_timeout(heartbeat_timeout)
     if not isinstance(transport, str):
         raise ConfigError(f"transport must be a string, got {transport!r}")
     if verify is not None and not isinstance(verify, bool):
         raise ConfigError(f"verify must be True, False or None, got {verify!r}")
-    options = _Options(float(timeout), float(heartbeat_timeout), transport, progress, bucket_size, on_progress, verify)
+    if isinstance(max_sources, bool) or not isinstance(max_sources, int) or not 1 <= max_sources <= MAX_SOURCES:
+        raise ConfigError(f"max_sources must be an int within [1, {MAX_SOURCES}], got {max_sources!r}")
+    if verify and max_sources > 1:
+        raise ConfigError("verify=True is not supported with max_sources > 1 yet: a striped load does not check "
+                          "digests; use max_sources=1 to verify")
+    options = _Options(float(timeout), float(heartbeat_timeout), transport, progress, bucket_size, on_progress,
+                       verify, max_sources, on_complete, chunk_size, on_digests)
     if registry is not None:
         from .registry import DEFAULT_TIMEOUT as REGISTRY_TIMEOUT
         from .registry import find_sources
@@ -205,6 +237,10 @@ class _Options:
     bucket_size: int | None
     on_progress: Callable[[int, int], None] | None
     verify: bool | None = None
+    max_sources: int = 1
+    on_complete: Callable[[TransferPlan, int], None] | None = None
+    chunk_size: int | None = None
+    on_digests: Callable[[Digests], None] | None = None
 
 
 @contextlib.contextmanager
@@ -235,6 +271,8 @@ def _load(
     target = TensorSet(model)
     kind = resolve_transport(options.transport, target.device)
     show = sys.stderr.isatty() if options.progress is None else options.progress
+    if options.max_sources > 1:
+        return _load_striped(target, sources, identity, kind, token, options, show)
     failures: dict[str, BaseException] = {}
     resume = _Resume()
     for source in sources:
@@ -369,6 +407,7 @@ def _load_from(
                     layout=dict(identity.layout),
                     backend=kind,
                     bucket_size=wanted_bucket,
+                    chunk_size=options.chunk_size,
                 ),
                 timeout=timeout,
             )
@@ -389,6 +428,8 @@ def _load_from(
             with contextlib.suppress(NetloaderError):
                 send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
             raise
+        if options.on_digests is not None:
+            options.on_digests(digests)
         plan = make_plan(remote, params)
         kept = resume.completed if resume.params == params else set()
         # the default: relayed bytes are checked, and so is everything after a source sent corrupt bytes
@@ -428,6 +469,7 @@ def _load_from(
             transport=kind,
             corrupt=resume.corrupt,
             digests=digests,
+            sources={source: total},
         )
         channel = Channel(
             conn, peer="source", timeout=timeout, heartbeat_timeout=options.heartbeat_timeout,
@@ -493,9 +535,11 @@ def _receive(
     rendezvous: Rendezvous,
     channel: Channel,
     verifier: Verifier | None = None,
+    units: Iterable[Sequence[int]] | None = None,
+    on_op: Callable[[int, int], None] | None = None,
 ) -> set[int]:
-    """Open the transport and receive ``sequence``; returns the messages now in place (each tensor is checked by
-    ``verifier`` as soon as its last message is in place)."""
+    """Open the transport and receive ``sequence`` (or, striped, ``units`` as they come, reporting each message
+    to ``on_op``); returns the messages now in place."""
     if not sequence:
         return set()
     timeout = options.timeout
@@ -503,7 +547,7 @@ def _receive(
     # tqdm starts a process-wide monitor thread for every bar, shown or not: make one only when shown
     bar = (
         tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"netloader {source}", leave=False)
-        if show
+        if show and on_op is None
         else None
     )
     received = 0
@@ -518,6 +562,8 @@ def _receive(
         if options.on_progress is not None:
             options.on_progress(received, total)
 
+    complete = options.on_complete
+
     transport: Transport | None = None
     try:
         if kind == "streams":
@@ -529,10 +575,18 @@ def _receive(
                 timeout=timeout, streams=rendezvous.streams, check=channel.check,
             )
             transport = DistTransport(group, store, target.device)
-        receiver = Receiver(plan, target.tensors, transport, device=target.device, check=channel.check, on_op=advance)
+        receiver = Receiver(
+            plan, target.tensors, transport, device=target.device, check=channel.check, on_op=on_op or advance,
+            on_complete=(lambda i: complete(plan, i)) if complete is not None else None,
+        )
         transport = None  # the receiver closes it, whatever happens
-        return receiver.run(sequence)
-    except TransferError:
+        return receiver.run_units(units if units is not None else [sequence])
+    except TransferError as exc:
+        reason = channel.reason_given(0.5)
+        if reason is not None and reason not in str(exc):  # say why the source gave up, not how it looked here
+            better = TransferError(reason)
+            better.__dict__.update(exc.__dict__)
+            raise better from None
         raise
     except NetloaderError as exc:
         raise TransferError(f"the transfer could not start: {exc}") from None
@@ -568,3 +622,219 @@ def _open_streams(
     transport = StreamTransport(rendezvous.streams, timeout=timeout, sending=False, peer="source")
     transport.start_receiving(socks)
     return transport
+
+
+# ---------------------------------------------------------------------- striping
+
+
+@dataclass
+class _Striped:
+    """What the sessions of one striped load share."""
+
+    max_sources: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    plan: TransferPlan | None = None
+    pool: WorkPool | None = None
+    total: int = 0
+    received: int = 0
+    bar: tqdm | None = None
+
+
+def _load_striped(
+    target: TensorSet,
+    sources: Sequence[str],
+    identity: Identity,
+    kind: str,
+    token: str | None,
+    options: _Options,
+    show: bool,
+) -> LoadReport:
+    """Up to ``max_sources`` sessions at once, one per source, taking units from one pool; a source whose session
+    fails is replaced by the next untried one (or, with work returned and none untried, by one that succeeded)."""
+    started = time.perf_counter()
+    state = _Striped(options.max_sources)
+    failures: dict[str, BaseException] = {}
+    per_source: dict[str, int] = {}
+    results: queue.Queue[tuple[str, int, BaseException | None]] = queue.Queue()
+    untried = deque(dict.fromkeys(sources))
+    good: deque[str] = deque()
+    running = 0
+
+    def session(source: str) -> None:
+        got, error = 0, None
+        try:
+            got = _stripe_session(source, target, identity, kind, token, options, state)
+        except NetloaderError as exc:
+            got, error = getattr(exc, "got_bytes", 0), exc
+        except BaseException as exc:  # a bug: reported as this source's failure, never lost in a thread
+            logger.exception("netloader: unexpected error loading from %s", source)
+            error = TransferError(f"unexpected error: {exc!r}")
+        results.put((source, got, error))
+
+    def launch(source: str) -> None:
+        nonlocal running
+        running += 1
+        threading.Thread(target=session, args=(source,), name="netloader-stripe", daemon=True).start()
+
+    try:
+        while running < state.max_sources and untried:
+            launch(untried.popleft())
+        while running:
+            source, got, error = results.get()
+            running -= 1
+            if got:
+                per_source[source] = per_source.get(source, 0) + got
+            if error is not None:
+                failures[source] = error
+                logger.warning("netloader: source %s failed: %s: %s", source, type(error).__name__, error)
+            else:
+                good.append(source)
+            pool = state.pool
+            while running < state.max_sources and (pool is None or pool.pending) and (untried or good):
+                launch(untried.popleft() if untried else good.popleft())
+                if pool is None:  # no session has a plan yet: one more try per failure
+                    break
+    finally:
+        if state.bar is not None:
+            state.bar.close()
+    if state.pool is None or not state.pool.finished:
+        raise NoSourceError(failures)
+    main = max(per_source, key=per_source.__getitem__) if per_source else (sources[0] if sources else "")
+    report = LoadReport(
+        source=main,
+        bytes=sum(per_source.values()),
+        seconds=time.perf_counter() - started,
+        tensors=len(target.manifest),
+        failures={s: e for s, e in failures.items()},
+        transport=kind,
+        sources=per_source,
+    )
+    logger.info("netloader: %s, striped over %d source(s): %s", report, len(per_source),
+                ", ".join(f"{s} {b / 1e9:.3f} GB" for s, b in per_source.items()))
+    return report
+
+
+def _stripe_session(
+    source: str,
+    target: TensorSet,
+    identity: Identity,
+    kind: str,
+    token: str | None,
+    options: _Options,
+    state: _Striped,
+) -> int:
+    """One source's share of a striped load: units from the pool until it is empty. Returns the tensor bytes it
+    put in place; on failure its unfinished units are back in the pool and the error carries ``got_bytes``."""
+    timeout = options.timeout
+    with _connect(source, token, timeout) as conn:
+        with state.lock:
+            wanted_bucket = state.plan.params.bucket_size if state.plan is not None else options.bucket_size
+        try:
+            send_message(
+                conn,
+                Load(model_id=identity.model_id, rank=identity.rank, layout=dict(identity.layout), backend=kind,
+                     bucket_size=wanted_bucket, chunk_size=options.chunk_size),
+                timeout=timeout,
+            )
+            offer = expect(read_message(conn, timeout=timeout), ManifestMsg)
+        except ProtocolError as exc:
+            raise _classify(exc, "request") from None
+        try:
+            remote = Manifest.from_wire(offer.tensors)
+            params = PlanParams(offer.plan.bucket_size, offer.plan.direct_threshold, offer.plan.chunk_size)
+            digests = Digests.from_wire(offer.digests.algorithm, offer.digests.values, remote)
+        except ConfigError as exc:
+            raise ProtocolError(f"source sent an invalid manifest: {exc}") from None
+        try:
+            if wanted_bucket is not None and params.bucket_size > wanted_bucket:
+                raise ProtocolError(f"source chose {params.bucket_size}-byte buckets; {wanted_bucket} were asked for")
+            target.manifest.check_matches(remote)
+            if options.on_digests is not None:
+                options.on_digests(digests)
+            with state.lock:
+                if state.plan is None:
+                    plan = make_plan(remote, params)
+                    state.total = plan.payload_from(0)
+                    size = unit_size(state.total, state.max_sources)
+
+                    def keep(index: int) -> bool:
+                        return not target.tensors[index].is_contiguous()
+
+                    state.pool = WorkPool(plan, cut_units(plan, range(len(plan.ops)), size, keep), size, keep)
+                    state.plan = plan
+                    if options.progress or (options.progress is None and sys.stderr.isatty()):
+                        state.bar = tqdm(total=state.total, unit="B", unit_scale=True, unit_divisor=1024,
+                                         desc="netloader (striped)", leave=False)
+                elif params != state.plan.params:
+                    raise ProtocolError(
+                        f"source offers another transfer plan ({params}) than the other sources of this striped "
+                        f"load ({state.plan.params})"
+                    )
+                plan, pool = state.plan, state.pool
+        except NetloaderError as exc:
+            with contextlib.suppress(NetloaderError):
+                send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
+            raise
+        assert pool is not None
+        first = pool.take()
+        if first is None:  # the others hold all the work left
+            with contextlib.suppress(NetloaderError):
+                send_message(conn, Abort(reason="nothing left to fetch"), timeout=timeout)
+            return 0
+        handed: list[int] = list(first)
+        try:
+            try:
+                send_message(conn, Ready(missing=ranges_of(first), more=True), timeout=timeout)
+                rendezvous = expect(read_message(conn, timeout=timeout), Rendezvous)
+            except ProtocolError as exc:
+                raise _classify(exc, "rendezvous") from None
+            if rendezvous.heartbeat * 2 > options.heartbeat_timeout:
+                raise ProtocolError(
+                    f"source sends heartbeats every {rendezvous.heartbeat:g} s, too rarely for heartbeat_timeout "
+                    f"{options.heartbeat_timeout:g} s"
+                )
+        except NetloaderError:
+            pool.give_back(first)
+            raise
+        channel = Channel(
+            conn, peer="source", timeout=timeout, heartbeat_timeout=options.heartbeat_timeout,
+            interval=rendezvous.heartbeat, store=kind != "streams",
+        )
+        assigned: deque[list[int]] = deque([first])
+
+        def units() -> Iterator[list[int]]:
+            while assigned:
+                unit = assigned.popleft()
+                following = pool.take()
+                if following is not None:  # one unit always requested ahead: the source's link never idles
+                    handed.extend(following)
+                    assigned.append(following)
+                    channel.send(More(missing=ranges_of(following)))
+                yield unit
+
+        def advance(_op: int, nbytes: int) -> None:
+            with state.lock:
+                state.received += nbytes
+                received, total = state.received, state.total
+                if state.bar is not None:
+                    state.bar.update(nbytes)
+            if options.on_progress is not None:
+                options.on_progress(received, total)
+
+        got: set[int] = set()
+        with channel:
+            try:
+                got = _receive(source, target, kind, token, options, False, plan, first, rendezvous, channel,
+                               units=units(), on_op=advance)
+                nbytes = sum(plan.ops[i].payload for i in got)
+                channel.send(Done(ok=True, bytes=nbytes))
+            except TransferError as exc:
+                got = getattr(exc, "completed", got)
+                pool.give_back([i for i in handed if i not in got])
+                pool.done(len(got))
+                exc.got_bytes = sum(plan.ops[i].payload for i in got)  # type: ignore[attr-defined]
+                with contextlib.suppress(NetloaderError):
+                    channel.send(Done(ok=False, bytes=0, message=str(exc)[:16000]))
+                raise
+        pool.done(len(got))
+        return nbytes

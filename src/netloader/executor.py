@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -54,8 +54,15 @@ class _Executor:
         check: Check,
         depth: int = DEFAULT_DEPTH,
         on_op: Callable[[int, int], None] | None = None,
+        before_op: Callable[[int], None] | None = None,
+        on_complete: Callable[[int], None] | None = None,
     ) -> None:
         self.plan = plan
+        #: sender: called before message ``i`` is read from the tensors (a relay waits there for its bytes, a
+        #: rate cap takes its tokens); receiver: unused
+        self.before_op = before_op
+        #: receiver: called with each message index once its bytes are in place in the tensors
+        self.on_complete = on_complete
         self.tensors = list(tensors)
         self.transport = transport
         self.device = device
@@ -71,9 +78,10 @@ class _Executor:
         self._made = 0
         self._whole: dict[int, torch.Tensor] = {}  # contiguous stand-ins for non-contiguous direct tensors
 
-    def _chunks_per_tensor(self, sequence: Sequence[int]) -> dict[int, int]:
-        """Direct chunks in ``sequence`` per non-contiguous tensor (those are assembled through a whole copy)."""
-        counts: dict[int, int] = {}
+    def _chunks_per_tensor(self, sequence: Sequence[int], counts: dict[int, int] | None = None) -> dict[int, int]:
+        """Direct chunks in ``sequence`` per non-contiguous tensor (those are assembled through a whole copy),
+        added to ``counts``."""
+        counts = {} if counts is None else counts
         for i in sequence:
             op = self.plan.ops[i]
             if not op.packed and self.flat(op.segments[0].index) is None:
@@ -147,10 +155,15 @@ class _Executor:
 class Sender(_Executor):
     def run(self, sequence: Sequence[int]) -> int:
         """Send the plan's messages ``sequence`` in that order; returns the tensor bytes sent."""
+        return self.run_units([sequence])
+
+    def run_units(self, units: Iterable[Sequence[int]]) -> int:
+        """Send each unit's messages in order, units in the order ``units`` yields them (it may block: a striped
+        client hands out its units as it goes). Returns the tensor bytes sent."""
         ops = self.plan.ops
         # (handle, op index, staging buffer or None, the bytes being sent: held until the message completes)
         inflight: deque[tuple[object, int, torch.Tensor | None, torch.Tensor]] = deque()
-        chunks_left = self._chunks_per_tensor(sequence)
+        chunks_left: dict[int, int] = {}
         sent = 0
         ok = False
 
@@ -166,28 +179,32 @@ class Sender(_Executor):
 
         try:
             with side_stream(self.device), torch.no_grad():
-                for i in sequence:
-                    self.check()
-                    op = ops[i]
-                    slot = None
-                    if op.packed:
-                        while not self._can_take_slot():
+                for unit in units:
+                    self._chunks_per_tensor(unit, chunks_left)
+                    for i in unit:
+                        self.check()
+                        if self.before_op is not None:
+                            self.before_op(i)
+                        op = ops[i]
+                        slot = None
+                        if op.packed:
+                            while not self._can_take_slot():
+                                complete_oldest()
+                            slot = self._take_slot()
+                            self._copy_packed(op, slot, pack=True)
+                            buf = slot[: op.nbytes]
+                        else:
+                            seg = op.segments[0]
+                            flat = self.flat(seg.index)
+                            if flat is None:
+                                flat = self._whole_bytes(seg.index, fill=True)
+                                chunks_left[seg.index] -= 1
+                                if not chunks_left[seg.index]:
+                                    self._whole.pop(seg.index)  # the in-flight entry keeps its bytes alive
+                            buf = flat[seg.start : seg.start + seg.length]
+                        inflight.append((self.transport.post_send(buf, i), i, slot, buf))
+                        while len(inflight) >= MAX_INFLIGHT:
                             complete_oldest()
-                        slot = self._take_slot()
-                        self._copy_packed(op, slot, pack=True)
-                        buf = slot[: op.nbytes]
-                    else:
-                        seg = op.segments[0]
-                        flat = self.flat(seg.index)
-                        if flat is None:
-                            flat = self._whole_bytes(seg.index, fill=True)
-                            chunks_left[seg.index] -= 1
-                            if not chunks_left[seg.index]:
-                                self._whole.pop(seg.index)  # the in-flight entry keeps its bytes alive
-                        buf = flat[seg.start : seg.start + seg.length]
-                    inflight.append((self.transport.post_send(buf, i), i, slot, buf))
-                    while len(inflight) >= MAX_INFLIGHT:
-                        complete_oldest()
                 while inflight:
                     complete_oldest()
             ok = True
@@ -205,19 +222,27 @@ class Receiver(_Executor):
         On failure raises :class:`TransferError` whose ``completed`` holds every message of ``sequence`` fully in
         place (in whatever order they completed).
         """
+        return self.run_units([sequence])
+
+    def run_units(self, units: Iterable[Sequence[int]]) -> set[int]:
+        """:meth:`run` over units taken from ``units`` as the receive window reaches them (a striped load hands
+        them out on demand). A unit must hold every chunk of a non-contiguous tensor it has one of."""
         ops = self.plan.ops
         inflight: deque[tuple[object, int, torch.Tensor | None, torch.Tensor | None]] = deque()
-        chunks_left = self._chunks_per_tensor(sequence)
+        chunks_left: dict[int, int] = {}
+        source: Iterator[Sequence[int]] = iter(units)
+        sequence: Sequence[int] = ()
         assembled: dict[int, list[int]] = {}  # non-contiguous tensor -> its chunks received so far
         completed: set[int] = set()
         position = 0
 
         def finish(i: int, slot: torch.Tensor | None, whole: torch.Tensor | None) -> None:
             op = ops[i]
+            done: list[int] = []
             if slot is not None:
                 self._copy_packed(op, slot, pack=False)
                 self._free.append(slot)
-                completed.add(i)
+                done.append(i)
             elif whole is not None:
                 index = op.segments[0].index
                 assembled.setdefault(index, []).append(i)
@@ -225,9 +250,13 @@ class Receiver(_Executor):
                 if not chunks_left[index]:
                     tensor = self.tensors[index]
                     tensor.copy_(self._whole.pop(index).view(tensor.dtype).view(tensor.shape))
-                    completed.update(assembled.pop(index))
+                    done.extend(assembled.pop(index))
             else:
-                completed.add(i)
+                done.append(i)
+            completed.update(done)
+            if self.on_complete is not None:
+                for k in done:
+                    self.on_complete(k)
             if self.on_op:
                 self.on_op(i, op.payload)
 
@@ -235,7 +264,14 @@ class Receiver(_Executor):
         try:
             with side_stream(self.device), torch.no_grad():
                 while True:
-                    while position < len(sequence) and len(inflight) < MAX_INFLIGHT:
+                    while len(inflight) < MAX_INFLIGHT:
+                        if position >= len(sequence):
+                            unit = next(source, None)
+                            if unit is None:
+                                break
+                            sequence, position = unit, 0
+                            self._chunks_per_tensor(unit, chunks_left)
+                            continue
                         i = sequence[position]
                         op = ops[i]
                         if op.packed and not self._can_take_slot():

@@ -10,8 +10,9 @@ Conversation (S = source, C = client)::
     C: probe                            S: info
     C: verify                           S: verify_result | error{busy}
     C: load{identity, backend, ...}     S: manifest{tensors, params} | error{busy|mismatch|...}
-    C: ready{missing} | abort           S: rendezvous{transfer, streams, heartbeat}
+    C: ready{missing, more} | abort     S: rendezvous{transfer, streams, heartbeat} | error{failed}
     ... both sides: heartbeat every second (and, for torch.distributed, store_set for its rendezvous) ...
+    C: more{missing} ...                (only after ready{more: true}: a striped load's next unit of work)
     C: done{ok, bytes}
 
 A data connection (netloader streams) opens like a control connection, authenticates the same way, then::
@@ -116,6 +117,8 @@ class Load(_Message):
     layout: Layout
     backend: ShortStr
     bucket_size: NonNeg | None = None
+    #: smaller pieces for large tensors (a relay's fill: each hop forwards a piece once it is whole)
+    chunk_size: NonNeg | None = None
 
 
 class PlanWire(_Message):
@@ -168,10 +171,26 @@ OpRange = tuple[NonNeg, NonNeg]
 
 
 class Ready(_Message):
-    """``missing``: the plan's messages to send, as sorted, disjoint, non-empty ``[start, end)`` ranges (None: all)."""
+    """``missing``: the plan's messages to send, as sorted, disjoint, non-empty ``[start, end)`` ranges (None: all).
+
+    ``more``: a striped load; after these messages the source waits for ``more`` (the next unit, sent in the
+    order the client will receive them) or ``done``.
+    """
 
     type: Literal["ready"] = "ready"
     missing: Annotated[list[OpRange], Field(max_length=MAX_MISSING_RANGES)] | None = None
+    more: bool = False
+
+
+#: most ranges one ``more`` may list (a unit of work is a few consecutive ranges)
+MAX_MORE_RANGES = 1024
+
+
+class More(_Message):
+    """The next unit of work of a striped load: more of the plan's messages, as in ``ready``."""
+
+    type: Literal["more"] = "more"
+    missing: Annotated[list[OpRange], Field(min_length=1, max_length=MAX_MORE_RANGES)]
 
 
 class Abort(_Message):
@@ -224,7 +243,7 @@ class Done(_Message):
     message: LongStr = ""
 
 
-ErrorCode = Literal["busy", "auth", "mismatch", "protocol", "internal", "closing"]
+ErrorCode = Literal["busy", "auth", "mismatch", "protocol", "internal", "closing", "failed"]
 
 
 class Error(_Message):
@@ -244,6 +263,7 @@ Message = Annotated[
     | Load
     | ManifestMsg
     | Ready
+    | More
     | Abort
     | Rendezvous
     | Attach

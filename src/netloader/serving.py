@@ -14,10 +14,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .channel import Channel
-from .errors import ConfigError, IdentityMismatchError, NetloaderError, ProtocolError, TransferError
+from .errors import BusyError, ConfigError, IdentityMismatchError, NetloaderError, ProtocolError, TransferError
 from .executor import Sender, sequence_of
 from .integrity import Digests, digests_of, mismatches
 from .manifest import Identity, TensorSet
@@ -30,6 +30,7 @@ from .protocol import (
     Done,
     Error,
     Load,
+    More,
     Ready,
     Rendezvous,
     VerifyResult,
@@ -40,6 +41,8 @@ from .protocol import (
     send_message,
     validate_missing,
 )
+from .ratelimit import RateLimiter
+from .relay import Availability
 from .transport.base import Transport
 from .transport.dist import SOURCE_RANK, ControlStore, DistTransport, form_group
 from .transport.streams import StreamTransport, tune_data_socket
@@ -72,8 +75,14 @@ class Transfers:
         heartbeat_timeout: float,
         closing: threading.Event,
         digests: Digests | None = None,
+        availability: Availability | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.tensors = tensors
+        #: a relay's bytes in place (None: a ready server, everything is in place)
+        self.availability = availability
+        #: ``max_rate``: shared by every transfer
+        self.limiter = limiter
         self.identity = identity
         self.params = params
         self.transports = tuple(transports)
@@ -86,16 +95,36 @@ class Transfers:
         self._lock = threading.Lock()
         self._plans: dict[PlanParams, tuple[TransferPlan, bytes]] = {}
         self._waiting: dict[str, StreamTransport] = {}
-        #: the digests served: given (a relay passes on its origin's) or computed at the first load (an origin)
+        #: the digests served: given (a relay passes on its origin's: at construction, or from its fill's sources
+        #: through :meth:`set_digests`) or computed at the first load (an origin, which holds every weight)
         self._digests = digests
-        self.relayed = digests is not None
+        self.relayed = digests is not None or availability is not None
         self._digest_lock = threading.Lock()
+        self._digests_known = threading.Event()
+        if digests is not None:
+            self._digests_known.set()
         self._verify_lock = threading.Lock()
 
     # ------------------------------------------------------------------ digests
 
+    def set_digests(self, digests: Digests) -> None:
+        """A relay learns its origin's digests from the manifest of a source it fills from (the first one kept)."""
+        with self._digest_lock:  # validated against this manifest by the client that received them
+            if self._digests is None:
+                self._digests = digests
+                self.relayed = True
+        self._digests_known.set()
+
     def digests(self) -> tuple[Digests, bool]:
-        """The digests this source serves, and whether this call computed them (once; later calls wait for it)."""
+        """The digests this source serves, and whether this call computed them (once; later calls wait for it).
+
+        A relay never computes digests of what it holds (that would certify whatever arrived): it serves its
+        origin's, and waits for them (at most ``handshake_timeout``) if its fill has not met a source yet."""
+        if self.availability is not None:
+            if not self._digests_known.wait(self.handshake_timeout):
+                raise BusyError("this relay has not received its origin's digests yet")
+            assert self._digests is not None
+            return self._digests, False
         with self._digest_lock:
             if self._digests is not None:
                 return self._digests, False
@@ -126,12 +155,16 @@ class Transfers:
 
     # ------------------------------------------------------------------ plans
 
-    def plan_for(self, bucket_size: int | None) -> tuple[TransferPlan, bytes]:
-        """The plan (and its encoded manifest message) for a client's bucket size, capped at the server's."""
+    def plan_for(self, bucket_size: int | None, chunk_size: int | None = None) -> tuple[TransferPlan, bytes]:
+        """The plan (and its encoded manifest message) for a client's bucket and chunk sizes, capped at the
+        server's."""
         size = self.params.bucket_size
         if bucket_size is not None:
             size = max(MIN_BUCKET_SIZE, min(bucket_size, size))
-        params = PlanParams(size, min(self.params.direct_threshold, size), self.params.chunk_size)
+        chunk = self.params.chunk_size
+        if chunk_size is not None:
+            chunk = max(MIN_BUCKET_SIZE, min(chunk_size, chunk))
+        params = PlanParams(size, min(self.params.direct_threshold, size), chunk)
         with self._lock:
             cached = self._plans.get(params)
         if cached is None:
@@ -186,7 +219,14 @@ class Transfers:
             _refuse(conn, "mismatch", str(exc), self.handshake_timeout)
             logger.info("netloader: refused %s: %s", who, exc)
             return
-        plan, frame = self.plan_for(request.bucket_size)
+        if self.availability is not None and self.availability.failed is not None:
+            _refuse(conn, "failed", f"this relay's own load failed: {self.availability.failed}", self.handshake_timeout)
+            return
+        try:
+            plan, frame = self.plan_for(request.bucket_size, request.chunk_size)
+        except BusyError as exc:  # a relay that does not know its origin's digests yet
+            _refuse(conn, "busy", str(exc), self.handshake_timeout)
+            return
         send_frame(conn, frame, timeout=self.timeout)
         answer = expect(read_message(conn, timeout=self.timeout, max_size=READY_MAX_FRAME), Ready, Abort)
         if isinstance(answer, Abort):
@@ -198,10 +238,18 @@ class Transfers:
             _refuse(conn, "protocol", f"invalid ready: {exc}", self.handshake_timeout)
             raise
         sequence = sequence_of(missing)
-        self._run(conn, who, request.backend, plan, sequence, resumed=answer.missing is not None)
+        self._run(conn, who, request.backend, plan, sequence, resumed=answer.missing is not None, more=answer.more)
 
     def _run(
-        self, conn: socket.socket, who: str, kind: str, plan: TransferPlan, sequence: list[int], *, resumed: bool
+        self,
+        conn: socket.socket,
+        who: str,
+        kind: str,
+        plan: TransferPlan,
+        sequence: list[int],
+        *,
+        resumed: bool,
+        more: bool = False,
     ) -> None:
         transfer_id = secrets.token_hex(16)
         streams = self.streams if kind == "streams" else GLOO_STREAMS
@@ -216,11 +264,23 @@ class Transfers:
             interval=HEARTBEAT_INTERVAL, max_frame=REQUEST_MAX_FRAME, store=kind != "streams",
         )
         sent = 0
+        done: Done | None = None
 
         def check() -> None:
             if self.closing.is_set():
                 raise TransferError("the source is shutting down")
             channel.check()
+
+        def units() -> Iterator[list[int]]:
+            """The ready's messages, then (a striped load) each ``more`` until the client's ``done``."""
+            nonlocal done
+            yield sequence
+            while more:
+                message = channel.next_message(More, Done, timeout=self.timeout)
+                if isinstance(message, Done):
+                    done = message
+                    return
+                yield sequence_of(validate_missing(message.missing, len(plan.ops)))
 
         try:
             send_message(
@@ -229,7 +289,11 @@ class Transfers:
                 timeout=self.handshake_timeout,
             )
             channel.start()
-            if sequence:
+            if sequence or more:
+                if transport is None and kind == "streams":
+                    transport = StreamTransport(streams, timeout=self.timeout, sending=True, peer="client")
+                    with self._lock:
+                        self._waiting[transfer_id] = transport
                 if isinstance(transport, StreamTransport):
                     transport.wait_attached(time.monotonic() + self.handshake_timeout, check)
                 else:
@@ -239,10 +303,14 @@ class Transfers:
                         timeout=self.timeout, streams=streams, check=check,
                     )
                     transport = DistTransport(group, store, self.tensors.device)
-                sender = Sender(plan, self.tensors.tensors, transport, device=self.tensors.device, check=check)
+                sender = Sender(
+                    plan, self.tensors.tensors, transport, device=self.tensors.device, check=check,
+                    before_op=self._before_op(plan, check, channel),
+                )
                 transport = None  # the sender closes it, whatever happens
-                sent = sender.run(sequence)
-            done = channel.next_message(Done, timeout=self.timeout)
+                sent = sender.run_units(units())
+            if done is None:
+                done = channel.next_message(Done, timeout=self.timeout)
         finally:
             with self._lock:
                 self._waiting.pop(transfer_id, None)
@@ -264,8 +332,31 @@ class Transfers:
             kind,
             self.identity.model_id,
             self.identity.rank,
-            f", resumed: {len(sequence)} of {len(plan.ops)} messages" if resumed else "",
+            f", resumed: {len(sequence)} of {len(plan.ops)} messages" if resumed and not more else "",
         )
+
+    def _before_op(
+        self, plan: TransferPlan, check: Callable[[], None], channel: Channel
+    ) -> Callable[[int], None] | None:
+        """What the sender does before reading message ``i``: a relay waits for its bytes, ``max_rate`` waits for
+        its tokens."""
+        availability, limiter, ops, timeout = self.availability, self.limiter, plan.ops, self.timeout
+        if availability is None and limiter is None:
+            return None
+
+        def before(i: int) -> None:
+            if availability is not None and not availability.complete:
+                try:
+                    availability.wait(ops[i].segments, timeout, check)
+                except TransferError as exc:
+                    if availability.failed is not None:  # tell the client why before the streams close
+                        with contextlib.suppress(NetloaderError):
+                            channel.send(Error(code="failed", message=str(exc)[:16000]))
+                    raise
+            if limiter is not None:
+                limiter.take(ops[i].nbytes, check)
+
+        return before
 
 
 def _refuse(conn: socket.socket, code: str, message: str, timeout: float) -> None:

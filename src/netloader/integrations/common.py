@@ -169,6 +169,7 @@ def serve(
             heartbeat_timeout=config.HEARTBEAT_TIMEOUT,
             bucket_size=config.bucket_size() or DEFAULT_BUCKET_SIZE,
             registry=config.REGISTRY,
+            max_rate=config.MAX_RATE_GBPS * 1e9 if config.MAX_RATE_GBPS is not None else None,
             **identity,  # type: ignore[arg-type]
         )
         with _servers_lock:

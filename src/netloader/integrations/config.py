@@ -70,6 +70,9 @@ class NetloaderConfig(BaseModel):
     )
     BUCKET_MIB: int | None = Field(None, ge=1, le=4096, description="packed message size in MiB")
     MAX_CONCURRENT: int = Field(4, ge=1, le=64, description="transfers one rank serves at once")
+    MAX_RATE_GBPS: float | None = Field(
+        None, gt=0, le=10000, description="most GB/s (10^9 bytes/s) one rank's serving takes, all transfers together"
+    )
     DRAFT_PORT_OFFSET: int = Field(10000, ge=1, le=60000, description="draft model serves on port + offset")
     REGISTRY: str | None = Field(
         default_factory=lambda: os.environ.get(REGISTRY_ENV) or None,

@@ -158,12 +158,17 @@ def parse_record(data: bytes, where: str) -> SourceRecord | None:
 
 
 def rank_sources(live: Iterable[LiveSource]) -> list[LiveSource]:
-    """Best first: ready before anything else, then the least busy (share of its slots in use, then transfers
-    running). The sort is stable: equally good sources keep the order they came in."""
+    """Best first (the burst policy, see README "Fan-out"): sources with a free slot before full ones, then the
+    fewest transfers running, then ready before filling (a relay), then the smallest share of slots in use. In a
+    burst each new instance registers as ``filling`` as soon as it starts, so the next one to look finds the
+    origin busy and the new relay idle and pulls from the relay: the instances form a chain, every host's link
+    carries the model once, and N loads take about the time of one. The sort is stable: equally good sources
+    keep the order they came in."""
 
-    def key(entry: LiveSource) -> tuple[bool, float, int]:
+    def key(entry: LiveSource) -> tuple[bool, int, bool, float]:
         r = entry.record
-        return (r.state != "ready", r.active_transfers / r.max_concurrent, r.active_transfers)
+        full = r.active_transfers >= r.max_concurrent
+        return (full, r.active_transfers, r.state != "ready", r.active_transfers / r.max_concurrent)
 
     return sorted(live, key=key)
 

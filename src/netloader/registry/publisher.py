@@ -68,6 +68,7 @@ class Publisher:
         self._record: SourceRecord | None = None
         self._healthy: bool | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and poke(): publish now
         self._first = threading.Event()
         self._remove = True
         self._thread: threading.Thread | None = None
@@ -86,16 +87,25 @@ class Publisher:
         be removed expires ``ttl`` seconds after its last heartbeat)."""
         self._remove = remove
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(self.timeout + 1.0)
             if self._thread.is_alive():
                 logger.warning("netloader: registry %s did not answer within %.0f s; the record expires within "
                                "%.0f s", self.registry.url, self.timeout, self.ttl)
 
+    def poke(self) -> None:
+        """Publish now rather than at the next heartbeat (a relay that just became ready)."""
+        self._wake.set()
+
     def _run(self) -> None:
         self._beat()
         self._first.set()
-        while not self._stop.wait(self.heartbeat):
+        while True:
+            self._wake.wait(self.heartbeat)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             self._beat()
         record = self._record
         try:

@@ -5,7 +5,7 @@ peer is a port of a bridge living in a namespace of its own (the "switch"), so n
 network. What a test or a benchmark can do to a host:
 
 - ``host.popen([...])`` runs a process inside the namespace (``ip netns exec``);
-- ``host.set_rate(mbit)`` limits what the host sends (``tc`` tbf on its ``eth0``);
+- ``host.set_rate(mbit)`` limits the host's link both ways (``tc`` tbf on its ``eth0`` and on its bridge port);
 - ``net.cut(host)`` / ``net.heal(host)`` stop and restore forwarding on the host's bridge port (the port's STP
   state set to *disabled*: every frame in either direction is dropped at the switch, while both ends keep their
   carrier, so neither kernel notices anything and no FIN or RST is sent: a partition, as a pulled cable between
@@ -68,13 +68,16 @@ class Host:
         return _run("ip", "netns", "exec", self.ns, *argv)
 
     def set_rate(self, mbit: float | None) -> None:
-        """Limit what this host sends to ``mbit`` Mbit/s (None: no limit)."""
-        with contextlib.suppress(HostsUnavailable):
-            _run("tc", "-n", self.ns, "qdisc", "del", "dev", "eth0", "root")
-        if mbit is not None:
-            burst = max(32, int(mbit * 1e6 / 8 / 250 / 1024))  # ~4 ms of bytes, in KiB
-            _run("tc", "-n", self.ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", f"{mbit}mbit",
-                 "burst", f"{burst}kb", "latency", "100ms")
+        """Limit this host's link to ``mbit`` Mbit/s in both directions (None: no limit): a ``tc`` tbf on its
+        ``eth0`` (what it sends) and one on its bridge port (what it receives), like a host's NIC on a switch."""
+        for args in (("-n", self.ns, "qdisc", "{}", "dev", "eth0"), ("-n", self.net.switch, "qdisc", "{}", "dev",
+                                                                    self.port)):
+            with contextlib.suppress(HostsUnavailable):
+                _run("tc", *(a.format("del") for a in args), "root")
+            if mbit is not None:
+                burst = max(32, int(mbit * 1e6 / 8 / 250 / 1024))  # ~4 ms of bytes, in KiB
+                _run("tc", *(a.format("add") for a in args), "root", "tbf", "rate", f"{mbit}mbit", "burst",
+                     f"{burst}kb", "latency", "100ms")
 
     def kill_processes(self) -> None:
         for proc in self.procs:
