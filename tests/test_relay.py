@@ -60,6 +60,9 @@ def test_a_relay_serves_while_it_fills_also_with_smaller_buckets():
         assert report.sources == {origin.address: report.bytes}
         assert (relay.state, relay.progress) == ("ready", 1.0)
         assert out["report"].sources == {relay.address: out["report"].bytes}
+        # the relay served its origin's digests (learned from the origin's manifest, never computed from what it
+        # held), and a relayed load checks them by default
+        assert out["report"].verified and out["report"].digests == report.digests is not None
         _exact(model, "mixed")
     finally:
         relay.close()

@@ -121,8 +121,10 @@ class Transfers:
         A relay never computes digests of what it holds (that would certify whatever arrived): it serves its
         origin's, and waits for them (at most ``handshake_timeout``) if its fill has not met a source yet."""
         if self.availability is not None:
-            if not self._digests_known.wait(self.handshake_timeout):
-                raise BusyError("this relay has not received its origin's digests yet")
+            deadline = time.monotonic() + self.handshake_timeout
+            while not self._digests_known.wait(0.05):
+                if self.availability.failed is not None or time.monotonic() > deadline:
+                    raise BusyError("this relay has not received its origin's digests yet")
             assert self._digests is not None
             return self._digests, False
         with self._digest_lock:
@@ -224,8 +226,12 @@ class Transfers:
             return
         try:
             plan, frame = self.plan_for(request.bucket_size, request.chunk_size)
-        except BusyError as exc:  # a relay that does not know its origin's digests yet
-            _refuse(conn, "busy", str(exc), self.handshake_timeout)
+        except BusyError as exc:  # a relay that does not know its origin's digests yet, or whose fill failed
+            failed = self.availability.failed if self.availability is not None else None
+            if failed is not None:
+                _refuse(conn, "failed", f"this relay's own load failed: {failed}", self.handshake_timeout)
+            else:
+                _refuse(conn, "busy", str(exc), self.handshake_timeout)
             return
         send_frame(conn, frame, timeout=self.timeout)
         answer = expect(read_message(conn, timeout=self.timeout, max_size=READY_MAX_FRAME), Ready, Abort)
