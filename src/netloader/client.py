@@ -383,6 +383,47 @@ def _classify(exc: ProtocolError, stage: str) -> NetloaderError:
     return exc
 
 
+def _request(
+    conn: socket.socket,
+    target: TensorSet,
+    identity: Identity,
+    kind: str,
+    wanted_bucket: int | None,
+    options: _Options,
+) -> tuple[ManifestMsg, Manifest, PlanParams, Digests]:
+    """Ask for the load and check the source's offer: a valid manifest equal to ``target``'s, a plan whose buckets
+    fit the staging memory asked for, the origin's digests (passed to ``on_digests``). On a refusal here the
+    source is told why (``abort``) before the error is raised."""
+    timeout = options.timeout
+    try:
+        send_message(
+            conn,
+            Load(model_id=identity.model_id, rank=identity.rank, layout=dict(identity.layout), backend=kind,
+                 bucket_size=wanted_bucket, chunk_size=options.chunk_size),
+            timeout=timeout,
+        )
+        offer = expect(read_message(conn, timeout=timeout), ManifestMsg)
+    except ProtocolError as exc:
+        raise _classify(exc, "request") from None
+    try:
+        remote = Manifest.from_wire(offer.tensors)
+        params = PlanParams(offer.plan.bucket_size, offer.plan.direct_threshold, offer.plan.chunk_size)
+        digests = Digests.from_wire(offer.digests.algorithm, offer.digests.values, remote)
+    except ConfigError as exc:
+        raise ProtocolError(f"source sent an invalid manifest: {exc}") from None
+    try:
+        if wanted_bucket is not None and params.bucket_size > wanted_bucket:  # it sizes our staging memory
+            raise ProtocolError(f"source chose {params.bucket_size}-byte buckets; {wanted_bucket} were asked for")
+        target.manifest.check_matches(remote)
+    except NetloaderError as exc:
+        with contextlib.suppress(NetloaderError):
+            send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
+        raise
+    if options.on_digests is not None:
+        options.on_digests(digests)
+    return offer, remote, params, digests
+
+
 def _load_from(
     source: str,
     target: TensorSet,
@@ -398,38 +439,7 @@ def _load_from(
     timeout = options.timeout
     with _connect(source, token, timeout) as conn:
         wanted_bucket = resume.params.bucket_size if resume.params else options.bucket_size
-        try:
-            send_message(
-                conn,
-                Load(
-                    model_id=identity.model_id,
-                    rank=identity.rank,
-                    layout=dict(identity.layout),
-                    backend=kind,
-                    bucket_size=wanted_bucket,
-                    chunk_size=options.chunk_size,
-                ),
-                timeout=timeout,
-            )
-            offer = expect(read_message(conn, timeout=timeout), ManifestMsg)
-        except ProtocolError as exc:
-            raise _classify(exc, "request") from None
-        try:
-            remote = Manifest.from_wire(offer.tensors)
-            params = PlanParams(offer.plan.bucket_size, offer.plan.direct_threshold, offer.plan.chunk_size)
-            digests = Digests.from_wire(offer.digests.algorithm, offer.digests.values, remote)
-        except ConfigError as exc:
-            raise ProtocolError(f"source sent an invalid manifest: {exc}") from None
-        if wanted_bucket is not None and params.bucket_size > wanted_bucket:  # it sizes our staging memory
-            raise ProtocolError(f"source chose {params.bucket_size}-byte buckets; {wanted_bucket} were asked for")
-        try:
-            target.manifest.check_matches(remote)
-        except NetloaderError as exc:
-            with contextlib.suppress(NetloaderError):
-                send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
-            raise
-        if options.on_digests is not None:
-            options.on_digests(digests)
+        offer, remote, params, digests = _request(conn, target, identity, kind, wanted_bucket, options)
         plan = make_plan(remote, params)
         kept = resume.completed if resume.params == params else set()
         # the default: relayed bytes are checked, and so is everything after a source sent corrupt bytes
@@ -729,28 +739,8 @@ def _stripe_session(
     with _connect(source, token, timeout) as conn:
         with state.lock:
             wanted_bucket = state.plan.params.bucket_size if state.plan is not None else options.bucket_size
+        _, remote, params, _ = _request(conn, target, identity, kind, wanted_bucket, options)
         try:
-            send_message(
-                conn,
-                Load(model_id=identity.model_id, rank=identity.rank, layout=dict(identity.layout), backend=kind,
-                     bucket_size=wanted_bucket, chunk_size=options.chunk_size),
-                timeout=timeout,
-            )
-            offer = expect(read_message(conn, timeout=timeout), ManifestMsg)
-        except ProtocolError as exc:
-            raise _classify(exc, "request") from None
-        try:
-            remote = Manifest.from_wire(offer.tensors)
-            params = PlanParams(offer.plan.bucket_size, offer.plan.direct_threshold, offer.plan.chunk_size)
-            digests = Digests.from_wire(offer.digests.algorithm, offer.digests.values, remote)
-        except ConfigError as exc:
-            raise ProtocolError(f"source sent an invalid manifest: {exc}") from None
-        try:
-            if wanted_bucket is not None and params.bucket_size > wanted_bucket:
-                raise ProtocolError(f"source chose {params.bucket_size}-byte buckets; {wanted_bucket} were asked for")
-            target.manifest.check_matches(remote)
-            if options.on_digests is not None:
-                options.on_digests(digests)
             with state.lock:
                 if state.plan is None:
                     plan = make_plan(remote, params)
