@@ -424,6 +424,22 @@ def _request(
     return offer, remote, params, digests
 
 
+def _rendezvous(conn: socket.socket, ready: Ready, options: _Options) -> Rendezvous:
+    """Say which messages to send (``ready``) and take the source's rendezvous, whose heartbeats must come often
+    enough for this load's ``heartbeat_timeout``."""
+    try:
+        send_message(conn, ready, timeout=options.timeout)
+        rendezvous = expect(read_message(conn, timeout=options.timeout), Rendezvous)
+    except ProtocolError as exc:
+        raise _classify(exc, "rendezvous") from None
+    if rendezvous.heartbeat * 2 > options.heartbeat_timeout:
+        raise ProtocolError(
+            f"source sends heartbeats every {rendezvous.heartbeat:g} s, too rarely for heartbeat_timeout "
+            f"{options.heartbeat_timeout:g} s"
+        )
+    return rendezvous
+
+
 def _load_from(
     source: str,
     target: TensorSet,
@@ -455,16 +471,7 @@ def _load_from(
                 kept = kept - ops_covering(plan, stale.bad)
         verifier = Verifier(plan, target, digests, kept, resume.verified) if verify else None
         missing = ranges_of([i for i in range(len(plan.ops)) if i not in kept])
-        try:
-            send_message(conn, Ready(missing=missing if kept else None), timeout=timeout)
-            rendezvous = expect(read_message(conn, timeout=timeout), Rendezvous)
-        except ProtocolError as exc:
-            raise _classify(exc, "rendezvous") from None
-        if rendezvous.heartbeat * 2 > options.heartbeat_timeout:
-            raise ProtocolError(
-                f"source sends heartbeats every {rendezvous.heartbeat:g} s, too rarely for heartbeat_timeout "
-                f"{options.heartbeat_timeout:g} s"
-            )
+        rendezvous = _rendezvous(conn, Ready(missing=missing if kept else None), options)
         sequence = sequence_of(missing)
         total = sum(plan.ops[i].payload for i in sequence)
         report = LoadReport(
@@ -773,16 +780,7 @@ def _stripe_session(
             return 0
         handed: list[int] = list(first)
         try:
-            try:
-                send_message(conn, Ready(missing=ranges_of(first), more=True), timeout=timeout)
-                rendezvous = expect(read_message(conn, timeout=timeout), Rendezvous)
-            except ProtocolError as exc:
-                raise _classify(exc, "rendezvous") from None
-            if rendezvous.heartbeat * 2 > options.heartbeat_timeout:
-                raise ProtocolError(
-                    f"source sends heartbeats every {rendezvous.heartbeat:g} s, too rarely for heartbeat_timeout "
-                    f"{options.heartbeat_timeout:g} s"
-                )
+            rendezvous = _rendezvous(conn, Ready(missing=ranges_of(first), more=True), options)
         except NetloaderError:
             pool.give_back(first)
             raise
