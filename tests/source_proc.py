@@ -26,12 +26,20 @@ from models import build, named
 from netloader.integrity import digests_of
 from netloader.manifest import TensorSet
 
+#: a corrupted tensor has a bit flipped every this many bytes: every message carrying a piece of it (at least
+#: 64 KiB, the smallest chunk) carries a bad byte
+FLIP_STRIDE = 64 * 1024
+
 
 def flip_bit(tensor: torch.Tensor) -> None:
-    """Flip the lowest bit of ``tensor``'s first byte, in place."""
+    """Flip the lowest bit of ``tensor``'s first byte (and, when it is contiguous, of every FLIP_STRIDE-th), in
+    place."""
     with torch.no_grad():
-        raw = tensor.view(-1)[:1].view(torch.uint8) if tensor.dim() else tensor.view(1).view(torch.uint8)
-        raw[0] ^= 1
+        if tensor.is_contiguous() and tensor.numel():
+            tensor.view(-1).view(torch.uint8)[::FLIP_STRIDE] ^= 1
+        else:
+            raw = tensor.view(-1)[:1].view(torch.uint8) if tensor.dim() else tensor.view(1).view(torch.uint8)
+            raw[0] ^= 1
 
 
 def main() -> None:

@@ -110,7 +110,9 @@ def test_striped_load_completes_from_the_others_when_a_source_is_killed_and_anot
     result = _result(client)
     assert result["ok"], result
     assert set(result["failures"]) == {killed.address, cut.address}, result["failures"]
-    assert "stopped answering" in result["failures"][cut.address], result["failures"]
+    # cut mid-transfer: its heartbeats stop; or its session had finished and a new one could not connect
+    assert ("stopped answering" in result["failures"][cut.address]
+            or "cannot connect" in result["failures"][cut.address]), result["failures"]
     assert result["by_source"][kept.address] > 0
     assert sum(result["by_source"].values()) == result["bytes"]
     print(f"\n[striped, one killed, one cut] MiB per source: "

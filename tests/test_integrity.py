@@ -18,7 +18,7 @@ from conftest import ENV, client_result, spawn_client
 from models import build, named
 from netloader import protocol as P
 from netloader.errors import ConfigError, ProtocolError
-from netloader.integrity import Digests, Verifier, digests_of, mismatches, ops_covering, tensor_digest
+from netloader.integrity import Digests, StripedVerifier, Verifier, digests_of, mismatches, ops_covering, tensor_digest
 from netloader.manifest import TensorSet
 from netloader.plan import PlanParams, make_plan
 from netloader.synthetic import bytes_equal
@@ -185,3 +185,91 @@ def test_a_source_runs_one_verify_at_a_time_and_says_when_its_digests_are_new():
             named(model)["small_float16"].view(-1)[0] += 1
         changed = netloader.verify_source(server.address, token="t")
         assert changed.mismatches == 1 and changed.names == ["small_float16"]
+
+
+def _distinct_names(kind: str) -> list[str]:
+    """One name per tensor storage (flipping a tied alias's bit twice would undo it)."""
+    seen: set[int] = set()
+    names = []
+    for name, t in named(build(kind, 1)).items():
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            names.append(name)
+    return names
+
+
+def test_a_striped_load_drops_a_corrupting_source_and_ends_bit_exact_from_the_others(source):
+    every = _distinct_names("llama48")
+    bad = source("llama48", seed=1, corrupt=every)  # every message it sends carries a flipped bit
+    # relays (checked by default), slower than the corrupting one so that it surely sends some of the tensors
+    good = [source("llama48", seed=1, digests_seed=1, max_rate=300e6) for _ in range(2)]
+    out = client_result(spawn_client({"model": "llama48", "expect_seed": 1, "model_id": "test-model",
+                                      "sources": [bad.address] + [g.address for g in good], "max_sources": 3}))
+    assert out["ok"], out  # client_proc compared every tensor with the seed's bytes
+    assert out["verified"] is True and out["by_source"].get(bad.address, 0) > 0
+    total = sum(t.numel() * t.element_size() for t in TensorSet(build("llama48", 1)).tensors)
+    assert out["bytes"] > total  # what it sent was found bad and fetched again
+    # a tensor it sent whole is pinned on it (and it is dropped); one it sent a piece of is fetched again whole from
+    # one source, which pins it on the corrupting source if that one sends it again
+    assert set(out["corrupt"]) <= {bad.address}, out["corrupt"]
+    if out["corrupt"]:
+        assert set(out["corrupt"][bad.address]) <= set(every)
+        assert out["failures"][bad.address].startswith("IntegrityError")
+    assert all(out["by_source"].get(g.address, 0) > 0 for g in good)
+
+
+def test_a_striped_load_with_only_corrupting_sources_fails_with_an_integrity_error(source):
+    bad = [source("llama48", seed=1, corrupt=_distinct_names("llama48")) for _ in range(2)]
+    out = client_result(spawn_client({"model": "llama48", "expect_seed": 1, "model_id": "test-model",
+                                      "sources": [b.address for b in bad], "max_sources": 2}))
+    assert not out["ok"] and out["error"].startswith("IntegrityError: ") and "must not be used" in out["error"]
+    assert set(out["corrupt"]) == {b.address for b in bad}
+
+
+def test_a_striped_load_refuses_a_source_offering_other_digests(source):
+    origin = source("mixed", seed=1)
+    other = source("mixed", seed=1, digests_seed=2)  # the same identity, but its origin held other weights
+    out = client_result(spawn_client({"model": "mixed", "expect_seed": 1, "model_id": "test-model",
+                                      "sources": [origin.address, other.address], "max_sources": 2, "verify": True}))
+    # whichever answers first sets the digests of the load; the other is refused before sending a byte. Then only
+    # the bytes that match the origin's digests are kept: from the origin (bit-exact), or from none (a clean error)
+    if out["ok"]:
+        assert out["verified"] is True and out["by_source"].get(other.address, 0) == 0
+        if other.address in out["failures"]:
+            assert "other origin digests" in out["failures"][other.address]
+    else:
+        assert out["error"].startswith("IntegrityError: ") and list(out["corrupt"]) == [other.address], out
+
+
+def test_the_striped_verifier_pins_bad_bytes_on_their_only_sender_and_refetches_a_mixed_tensor_whole():
+    from netloader.stripe import WorkPool
+
+    source_set = TensorSet(build("mixed", 1))
+    digests = digests_of(source_set)
+    target = TensorSet(build("mixed", None))
+    plan = make_plan(target.manifest, PlanParams(bucket_size=1 << 16, direct_threshold=1 << 15, chunk_size=1 << 16))
+    for src, dst in zip(source_set.tensors, target.tensors, strict=True):
+        dst.copy_(src)
+    large = next(i for i, t in enumerate(target.tensors) if len(ops_covering(plan, [i])) > 1)
+    with torch.no_grad():
+        target.tensors[large].view(-1).view(torch.uint8)[0] ^= 1
+    verifier = StripedVerifier(plan, target, digests, enabled=False)
+    covering = sorted(ops_covering(plan, [large]))
+    bad: list[int] = []
+    for i in range(len(plan.ops)):  # the large tensor's first message from "a", the rest from "b"
+        bad += verifier.on_op(i, "a" if i == covering[0] or i not in covering else "b")
+    assert bad == [] and not verifier.complete  # checking off: nothing hashed yet
+    assert verifier.enable() == [large]
+    senders, ops = verifier.blame(large)
+    assert senders == {"a", "b"} and sorted(ops) == covering and not verifier.complete
+    pool = WorkPool(plan, [], 1 << 20, lambda _: False)
+    pool.again(ops, whole=True)
+    assert pool.take() == covering and not pool.finished  # one unit: one source sends the whole tensor
+    for i in covering:  # "b" sends it all again, still bad: now it is pinned on "b" alone
+        bad = verifier.on_op(i, "b")
+    assert bad == [large] and verifier.blame(large)[0] == {"b"}
+    with torch.no_grad():
+        target.tensors[large].copy_(source_set.tensors[large])
+    for i in covering:
+        bad = verifier.on_op(i, "c")
+    assert bad == [] and verifier.complete

@@ -33,7 +33,7 @@ from .errors import (
     TransferTimeoutError,
 )
 from .executor import Receiver, sequence_of
-from .integrity import Digests, Verifier, ops_covering
+from .integrity import Digests, StripedVerifier, Verifier, ops_covering
 from .manifest import Identity, LayoutValue, Manifest, TensorSet
 from .plan import PlanParams, TransferPlan, make_plan
 from .protocol import (
@@ -70,7 +70,7 @@ from .protocol import (
     tune_socket,
 )
 from .server import DEFAULT_HEARTBEAT_TIMEOUT, check_heartbeat_timeout
-from .stripe import WorkPool, cut_units, unit_size
+from .stripe import STRIPE_OPEN_UNITS, WorkPool, cut_units, unit_size
 from .transport.base import Transport, resolve_transport
 from .transport.dist import CLIENT_RANK, ControlStore, DistTransport, form_group
 from .transport.streams import StreamTransport, tune_data_socket
@@ -179,8 +179,10 @@ def load_weights(
     transfer plan (one that offers another is skipped). ``on_complete(plan, i)`` is called (from a loading
     thread) once message ``i`` of ``plan`` is in place, and ``on_digests(digests)`` with each source's digests of
 the origin as soon as its manifest arrives (a relay's :meth:`~netloader.WeightServer.fill` uses both: it serves
-what is in place, with its origin's digests, while it loads). A striped load does not check digests yet:
-``verify=True`` with ``max_sources`` > 1 is refused.
+what is in place, with its origin's digests, while it loads). The sources of a striped load must also offer the
+same origin digests (one that offers others holds other weights and is skipped); the check of a tensor whose
+messages came from several sources that fails is repeated with all of them from one source, so the bad bytes
+are always pinned on the source that sent them.
 
     ``registry`` (a URL, see :mod:`netloader.registry`): after the explicit ``sources``, try the registry's live
     sources of exactly this identity, best first. With no explicit source and none in the registry,
@@ -214,9 +216,6 @@ what is in place, with its origin's digests, while it loads). A striped load doe
         raise ConfigError(f"verify must be True, False or None, got {verify!r}")
     if isinstance(max_sources, bool) or not isinstance(max_sources, int) or not 1 <= max_sources <= MAX_SOURCES:
         raise ConfigError(f"max_sources must be an int within [1, {MAX_SOURCES}], got {max_sources!r}")
-    if verify and max_sources > 1:
-        raise ConfigError("verify=True is not supported with max_sources > 1 yet: a striped load does not check "
-                          "digests; use max_sources=1 to verify")
     options = _Options(float(timeout), float(heartbeat_timeout), transport, progress, bucket_size, on_progress,
                        verify, max_sources, on_complete, chunk_size, on_digests)
     if registry is not None:
@@ -322,9 +321,12 @@ def verify_source(address: str, *, token: str | None = None, timeout: float = 60
 
 
 @contextlib.contextmanager
-def _connect(address: str, token: str | None, timeout: float) -> Iterator[socket.socket]:
-    """Open and authenticate a control connection (both sides prove they know the token)."""
-    conn = _open(address, token, timeout)
+def _connect(
+    address: str, token: str | None, timeout: float, handshake: float | None = None
+) -> Iterator[socket.socket]:
+    """Open and authenticate a control connection (both sides prove they know the token); ``handshake`` bounds
+    connecting and authenticating (default: ``timeout``)."""
+    conn = _open(address, token, timeout if handshake is None else min(timeout, handshake))
     try:
         yield conn
     finally:
@@ -453,7 +455,9 @@ def _load_from(
 ) -> LoadReport:
     started = time.perf_counter()
     timeout = options.timeout
-    with _connect(source, token, timeout) as conn:
+    # a live source completes a TCP and token handshake at once: one that cannot within the heartbeat timeout is
+    # as dead as one whose heartbeats stop (a partitioned host would otherwise hold the load for ``timeout``)
+    with _connect(source, token, timeout, options.heartbeat_timeout) as conn:
         wanted_bucket = resume.params.bucket_size if resume.params else options.bucket_size
         offer, remote, params, digests = _request(conn, target, identity, kind, wanted_bucket, options)
         plan = make_plan(remote, params)
@@ -554,9 +558,11 @@ def _receive(
     verifier: Verifier | None = None,
     units: Iterable[Sequence[int]] | None = None,
     on_op: Callable[[int, int], None] | None = None,
+    on_complete: Callable[[int], None] | None = None,
 ) -> set[int]:
     """Open the transport and receive ``sequence`` (or, striped, ``units`` as they come, reporting each message
-    to ``on_op``); returns the messages now in place."""
+    received to ``on_op`` and each one in place to ``on_complete``, instead of the load's own progress and
+    ``on_complete``); returns the messages now in place."""
     if not sequence:
         return set()
     timeout = options.timeout
@@ -579,7 +585,11 @@ def _receive(
         if options.on_progress is not None:
             options.on_progress(received, total)
 
-    complete = options.on_complete
+    if on_complete is None and options.on_complete is not None:
+        load_complete = options.on_complete
+
+        def on_complete(i: int) -> None:
+            load_complete(plan, i)
 
     transport: Transport | None = None
     try:
@@ -594,10 +604,13 @@ def _receive(
             transport = DistTransport(group, store, target.device)
         receiver = Receiver(
             plan, target.tensors, transport, device=target.device, check=channel.check, on_op=on_op or advance,
-            on_complete=(lambda i: complete(plan, i)) if complete is not None else None,
+            on_complete=on_complete,
         )
         transport = None  # the receiver closes it, whatever happens
-        return receiver.run_units(units if units is not None else [sequence])
+        if units is None:
+            return receiver.run_units([sequence])
+        # two units arriving at once (both streams busy even with one-message units), one more asked for ahead
+        return receiver.run_units(units, max_open=STRIPE_OPEN_UNITS)
     except TransferError as exc:
         reason = channel.reason_given(0.5)
         if reason is not None and reason not in str(exc):  # say why the source gave up, not how it looked here
@@ -621,7 +634,7 @@ def _open_streams(
     socks: list[socket.socket] = []
     try:
         for stream in range(rendezvous.streams):
-            sock = _open(source, token, timeout)
+            sock = _open(source, token, min(timeout, channel.heartbeat_timeout))
             socks.append(sock)
             send_message(sock, Attach(transfer=rendezvous.transfer, stream=stream), timeout=timeout)
             answer = expect(read_message(sock, timeout=timeout, max_size=PREAUTH_MAX_FRAME), Attached)
@@ -652,6 +665,10 @@ class _Striped:
     lock: threading.Lock = field(default_factory=threading.Lock)
     plan: TransferPlan | None = None
     pool: WorkPool | None = None
+    digests: Digests | None = None
+    verifier: StripedVerifier | None = None
+    #: sources that sent bytes not matching the origin's digests -> the tensors; never asked again
+    corrupt: dict[str, list[str]] = field(default_factory=dict)
     total: int = 0
     received: int = 0
     bar: tqdm | None = None
@@ -706,6 +723,8 @@ def _load_striped(
                 logger.warning("netloader: source %s failed: %s: %s", source, type(error).__name__, error)
             else:
                 good.append(source)
+            with state.lock:
+                good = deque(s for s in good if s not in state.corrupt)
             pool = state.pool
             while running < state.max_sources and (pool is None or pool.pending) and (untried or good):
                 launch(untried.popleft() if untried else good.popleft())
@@ -714,8 +733,19 @@ def _load_striped(
     finally:
         if state.bar is not None:
             state.bar.close()
+    verifier = state.verifier
     if state.pool is None or not state.pool.finished:
+        if state.corrupt:
+            named = "; ".join(f"{src}: {_names(names)}" for src, names in state.corrupt.items())
+            others = "".join(f"\n  {src}: {type(err).__name__}: {err}" for src, err in failures.items())
+            raise IntegrityError(
+                f"tensors arrived that do not match the origin's digests and no other source could replace them "
+                f"({named}); the target must not be used. Every source tried:{others}",
+                state.corrupt, failures,
+            )
         raise NoSourceError(failures)
+    if verifier is not None and verifier.enabled and not verifier.complete:  # cannot happen: each whole one is
+        raise IntegrityError("some tensors were not checked against the origin's digests")
     main = max(per_source, key=per_source.__getitem__) if per_source else (sources[0] if sources else "")
     report = LoadReport(
         source=main,
@@ -725,6 +755,9 @@ def _load_striped(
         failures={s: e for s, e in failures.items()},
         transport=kind,
         sources=per_source,
+        verified=verifier is not None and verifier.enabled,
+        corrupt=state.corrupt,
+        digests=state.digests,
     )
     logger.info("netloader: %s, striped over %d source(s): %s", report, len(per_source),
                 ", ".join(f"{s} {b / 1e9:.3f} GB" for s, b in per_source.items()))
@@ -743,14 +776,20 @@ def _stripe_session(
     """One source's share of a striped load: units from the pool until it is empty. Returns the tensor bytes it
     put in place; on failure its unfinished units are back in the pool and the error carries ``got_bytes``."""
     timeout = options.timeout
-    with _connect(source, token, timeout) as conn:
+    # a live source completes a TCP and token handshake at once: one that cannot within the heartbeat timeout is
+    # as dead as one whose heartbeats stop (a partitioned host would otherwise hold the load for ``timeout``)
+    with _connect(source, token, timeout, options.heartbeat_timeout) as conn:
         with state.lock:
             wanted_bucket = state.plan.params.bucket_size if state.plan is not None else options.bucket_size
-        _, remote, params, _ = _request(conn, target, identity, kind, wanted_bucket, options)
+        offer, remote, params, digests = _request(conn, target, identity, kind, wanted_bucket, options)
         try:
             with state.lock:
                 if state.plan is None:
                     plan = make_plan(remote, params)
+                    state.digests = digests
+                    enabled = options.verify is True or (options.verify is None and offer.relayed)
+                    state.verifier = StripedVerifier(plan, target, digests, enabled) if options.verify is not False \
+                        else None
                     state.total = plan.payload_from(0)
                     size = unit_size(state.total, state.max_sources)
 
@@ -767,12 +806,20 @@ def _stripe_session(
                         f"source offers another transfer plan ({params}) than the other sources of this striped "
                         f"load ({state.plan.params})"
                     )
-                plan, pool = state.plan, state.pool
+                elif state.digests is not None and digests.algorithm == state.digests.algorithm \
+                        and digests.values != state.digests.values:
+                    raise IntegrityError(
+                        "source offers other origin digests than the other sources of this striped load: it holds "
+                        "other weights under the same identity"
+                    )
+                plan, pool, verifier = state.plan, state.pool, state.verifier
         except NetloaderError as exc:
             with contextlib.suppress(NetloaderError):
                 send_message(conn, Abort(reason=str(exc)[:16000]), timeout=timeout)
             raise
         assert pool is not None
+        if verifier is not None and offer.relayed and options.verify is None:  # a relay's bytes are checked
+            _on_bad(verifier.enable(), state, source)
         first = pool.take()
         if first is None:  # the others hold all the work left
             with contextlib.suppress(NetloaderError):
@@ -792,6 +839,7 @@ def _stripe_session(
 
         def units() -> Iterator[list[int]]:
             while assigned:
+                _stop_if_corrupt(state, source)
                 unit = assigned.popleft()
                 following = pool.take()
                 if following is not None:  # one unit always requested ahead: the source's link never idles
@@ -799,6 +847,13 @@ def _stripe_session(
                     assigned.append(following)
                     channel.send(More(missing=ranges_of(following)))
                 yield unit
+
+        def in_place(op: int) -> None:
+            pool.done(op)
+            if verifier is not None:
+                _on_bad(verifier.on_op(op, source), state, source)
+            if options.on_complete is not None:
+                options.on_complete(plan, op)
 
         def advance(_op: int, nbytes: int) -> None:
             with state.lock:
@@ -813,16 +868,48 @@ def _stripe_session(
         with channel:
             try:
                 got = _receive(source, target, kind, token, options, False, plan, first, rendezvous, channel,
-                               units=units(), on_op=advance)
+                               units=units(), on_op=advance, on_complete=in_place)
+                _stop_if_corrupt(state, source)
                 nbytes = sum(plan.ops[i].payload for i in got)
                 channel.send(Done(ok=True, bytes=nbytes))
             except TransferError as exc:
                 got = getattr(exc, "completed", got)
                 pool.give_back([i for i in handed if i not in got])
-                pool.done(len(got))
                 exc.got_bytes = sum(plan.ops[i].payload for i in got)  # type: ignore[attr-defined]
                 with contextlib.suppress(NetloaderError):
                     channel.send(Done(ok=False, bytes=0, message=str(exc)[:16000]))
                 raise
-        pool.done(len(got))
         return nbytes
+
+
+def _on_bad(bad: list[int], state: _Striped, source: str) -> None:
+    """Tensors of a striped load that failed their digest check: their messages are fetched again. The source
+    that sent every byte of one is dropped; one whose bytes came from several sources is fetched again whole from
+    one source, so that a second failure names it."""
+    verifier, pool = state.verifier, state.pool
+    if not bad or verifier is None or pool is None:
+        return
+    for index in bad:
+        senders, ops = verifier.blame(index)
+        name = verifier.name(index)
+        if not ops:  # its messages are being fetched again already (they carried another bad tensor)
+            continue
+        if len(senders) == 1:
+            [sender] = senders
+            with state.lock:
+                state.corrupt.setdefault(sender, []).append(name)
+            logger.error("netloader: source %s sent tensor %s whose bytes do not match the origin's digest: dropping "
+                         "it; the tensor is fetched from another source", sender, name)
+            pool.again(ops, whole=False)
+        else:
+            logger.warning("netloader: tensor %s, whose bytes came from %s, does not match the origin's digest; "
+                           "fetching it again whole from one source", name, ", ".join(sorted(senders)))
+            pool.again(ops, whole=True)
+
+
+def _stop_if_corrupt(state: _Striped, source: str) -> None:
+    with state.lock:
+        names = state.corrupt.get(source)
+    if names:
+        raise IntegrityError(f"sent {len(names)} tensor(s) that do not match the origin's digests: {_names(names)}",
+                             {source: list(names)})

@@ -224,9 +224,12 @@ class Receiver(_Executor):
         """
         return self.run_units([sequence])
 
-    def run_units(self, units: Iterable[Sequence[int]]) -> set[int]:
+    def run_units(self, units: Iterable[Sequence[int]], max_open: int | None = None) -> set[int]:
         """:meth:`run` over units taken from ``units`` as the receive window reaches them (a striped load hands
-        them out on demand). A unit must hold every chunk of a non-contiguous tensor it has one of."""
+        them out on demand). A unit must hold every chunk of a non-contiguous tensor it has one of. ``max_open``:
+        take a next unit only while fewer than that many units taken are still arriving (a striped session keeps
+        one unit ahead of the one arriving, however few messages a unit holds; the rest stay in the shared pool
+        for the other sources)."""
         ops = self.plan.ops
         inflight: deque[tuple[object, int, torch.Tensor | None, torch.Tensor | None]] = deque()
         chunks_left: dict[int, int] = {}
@@ -235,9 +238,17 @@ class Receiver(_Executor):
         assembled: dict[int, list[int]] = {}  # non-contiguous tensor -> its chunks received so far
         completed: set[int] = set()
         position = 0
+        open_units: dict[int, int] = {}  # unit number -> its messages still arriving
+        unit_of: dict[int, int] = {}
+        taken = 0
 
         def finish(i: int, slot: torch.Tensor | None, whole: torch.Tensor | None) -> None:
             op = ops[i]
+            number = unit_of.pop(i, None)
+            if number is not None:
+                open_units[number] -= 1
+                if not open_units[number]:
+                    del open_units[number]
             done: list[int] = []
             if slot is not None:
                 self._copy_packed(op, slot, pack=False)
@@ -266,11 +277,17 @@ class Receiver(_Executor):
                 while True:
                     while len(inflight) < MAX_INFLIGHT:
                         if position >= len(sequence):
+                            if max_open is not None and len(open_units) >= max_open:
+                                break
                             unit = next(source, None)
                             if unit is None:
                                 break
                             sequence, position = unit, 0
                             self._chunks_per_tensor(unit, chunks_left)
+                            if max_open is not None and unit:
+                                taken += 1
+                                open_units[taken] = len(unit)
+                                unit_of.update((i, taken) for i in unit)
                             continue
                         i = sequence[position]
                         op = ops[i]

@@ -21,6 +21,7 @@ Two algorithms, chosen by where the origin's tensors live:
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -218,3 +219,97 @@ class Verifier:
     def bad_names(self) -> list[str]:
         moving = [s.name for s in self.target.manifest.specs if s.tied_to is None]
         return [moving[i] for i in self.bad]
+
+
+class StripedVerifier:
+    """A striped load's check: messages arrive from several sources' sessions at once (thread-safe), and the source
+    of each message is remembered, so that a tensor whose bytes do not match the origin's digest can be pinned on
+    the source that sent them.
+
+    ``enabled`` False only tracks what is in place: :meth:`enable` (a relay joined the load, or a source sent bad
+    bytes) checks every tensor already whole and every later one. :meth:`on_op` and :meth:`enable` return the
+    tensors found bad; :meth:`blame` says who sent a bad tensor and marks the messages carrying it as not in
+    place again (every tensor sharing one of those messages is checked again when it is refetched).
+    """
+
+    def __init__(self, plan: TransferPlan, target: TensorSet, digests: Digests, enabled: bool) -> None:
+        self.plan = plan
+        self.target = target
+        self.digests = digests
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._remaining = [0] * len(target.tensors)
+        self._covering: list[list[int]] = [[] for _ in target.tensors]
+        for i, op in enumerate(plan.ops):
+            for seg in op.segments:
+                self._remaining[seg.index] += 1
+                self._covering[seg.index].append(i)
+        self._sent_by: list[str | None] = [None] * len(plan.ops)
+        self._verified: set[int] = set()
+        #: whole while checking was off: checked by :meth:`enable`
+        self._unchecked = [i for i, left in enumerate(self._remaining) if not left]  # no bytes to move
+        if enabled:  # (one that does not match can never be fetched: the load ends with "not checked")
+            self._unchecked = self._check_all(self._unchecked)
+
+    def on_op(self, op_index: int, source: str) -> list[int]:
+        whole: list[int] = []
+        with self._lock:
+            self._sent_by[op_index] = source
+            for seg in self.plan.ops[op_index].segments:
+                left = self._remaining[seg.index] - 1
+                self._remaining[seg.index] = left
+                if not left:
+                    whole.append(seg.index)
+            if not self.enabled:
+                self._unchecked.extend(whole)
+                return []
+        return self._check_all(whole)
+
+    def enable(self) -> list[int]:
+        with self._lock:
+            if self.enabled:
+                return []
+            self.enabled = True
+            whole, self._unchecked = self._unchecked, []
+        return self._check_all(whole)
+
+    def _check_all(self, indices: Iterable[int]) -> list[int]:
+        bad: list[int] = []
+        for index in indices:  # hashed outside the lock: the other sessions keep receiving
+            good = self._matches(index)
+            with self._lock:
+                if not good:
+                    bad.append(index)
+                elif not self._remaining[index]:  # not being fetched again meanwhile
+                    self._verified.add(index)
+        return bad
+
+    def _matches(self, index: int) -> bool:
+        tensor = self.target.tensors[index]
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and self.digests.algorithm == "xxh3-64":
+            at = tensor.data_ptr()
+            return _xxh3_64(_MEMORY[at : at + tensor.nbytes]) == self.digests.values[index]
+        with torch.no_grad():
+            return _HASH[self.digests.algorithm](tensor) == self.digests.values[index]
+
+    def blame(self, index: int) -> tuple[set[str], list[int]]:
+        """The sources that sent bad tensor ``index``'s bytes, and the messages to fetch again (now not in place;
+        none when another bad tensor sharing them was blamed first)."""
+        with self._lock:
+            ops = [i for i in self._covering[index] if self._sent_by[i] is not None]
+            senders = {self._sent_by[i] for i in ops}
+            for i in ops:
+                self._sent_by[i] = None
+                for seg in self.plan.ops[i].segments:
+                    self._remaining[seg.index] += 1
+                    self._verified.discard(seg.index)
+        return senders, ops  # type: ignore[return-value]
+
+    def name(self, index: int) -> str:
+        return [s.name for s in self.target.manifest.specs if s.tied_to is None][index]
+
+    @property
+    def complete(self) -> bool:
+        """Every tensor is whole and was checked."""
+        with self._lock:
+            return self.enabled and not any(self._remaining) and len(self._verified) == len(self.target.tensors)

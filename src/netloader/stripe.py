@@ -23,6 +23,9 @@ MIN_UNIT = 4 * MiB
 MAX_UNIT = 64 * MiB
 #: units per source the work is cut into (before the bounds)
 UNITS_PER_SOURCE = 4
+#: units a session receives at once (the receive window takes no more, however few messages they hold); with the
+#: one it asks for ahead, a session holds three units and the rest stay in the pool for the other sources
+STRIPE_OPEN_UNITS = 2
 #: most messages in one unit (a unit travels as ranges in one ``more``; see protocol.MAX_MORE_RANGES)
 MAX_UNIT_OPS = 1024
 
@@ -69,7 +72,7 @@ class WorkPool:
         self._keep_together = keep_together
         self._lock = threading.Lock()
         self._units: deque[list[int]] = deque(units)
-        self._outstanding = sum(len(u) for u in units)  # handed out or pending, not yet in place
+        self._missing = {i for u in units for i in u}  # handed out or pending, not yet in place
 
     def take(self) -> list[int] | None:
         with self._lock:
@@ -83,14 +86,30 @@ class WorkPool:
         with self._lock:
             self._units.extendleft(reversed(units))
 
-    def done(self, count: int) -> None:
+    def again(self, indices: Sequence[int], *, whole: bool) -> None:
+        """Messages that were in place but must be fetched again (they carried a tensor that failed its digest
+        check): first in line, as one unit when ``whole`` (so that one source sends every byte of the tensor and
+        a second mismatch can be pinned on it)."""
+        if not indices:
+            return
+        ordered = sorted(indices)
+        if whole and len(ordered) <= MAX_UNIT_OPS:
+            units = [ordered]
+        else:
+            units = cut_units(self.plan, ordered, self.size, self._keep_together)
         with self._lock:
-            self._outstanding -= count
+            self._missing.update(ordered)
+            self._units.extendleft(reversed(units))
+
+    def done(self, index: int) -> None:
+        """Message ``index`` is in place."""
+        with self._lock:
+            self._missing.discard(index)
 
     @property
     def finished(self) -> bool:
         with self._lock:
-            return self._outstanding <= 0
+            return not self._missing
 
     @property
     def pending(self) -> bool:
