@@ -1,0 +1,173 @@
+"""The vLLM plugin relays while it loads, on the real vLLM (CPU platform), TP=2, one process per rank.
+
+An origin instance loads from disk and serves through a registry, its serving capped (``MAX_RATE_GBPS``) and one
+transfer at a time (``MAX_CONCURRENT=1``), so that a new instance's load from it is slow and keeps it busy. Two new
+instances with only the registry (no SOURCE, no weight file) start together (their vLLM imported while the origin
+loads); the first is told to load, and once each of its ranks' records says ``filling`` the second is told too.
+The origin is busy with the first, so the second's ranks load from the first's, which serve while they fill: both
+end bit-exact, the second names the first's addresses as its sources with bytes > 0, and the first's records turn
+``ready``. Determinism comes from the order of events, not from sleeps: the second looks up only after the first
+registered, and the first's fill (about 20 s at the cap) outlasts the second's few seconds to reach its lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netloader.registry import open_registry
+from test_vllm import START_TIMEOUT, VENV_ENV, Instance, workdir  # noqa: F401 - fixture
+from vllm_worker import WAITING
+
+MODEL = "relay-llama"
+WORLD = 2
+#: serving cap of the origin: each rank's ~6 MB shard takes about 20 s past the limiter's first 1 MiB
+ORIGIN_RATE_GBPS = 0.00025
+
+Results = list[dict[str, Any]]  # one per rank, as vllm_worker.py writes them
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir: Path) -> Path:  # noqa: F811
+    """A small Llama (~12 MB in bf16: large enough that the origin's rate cap paces it), random weights."""
+    path = workdir / "relay-checkpoint"
+    script = (
+        "import sys, torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "torch.manual_seed(1)\n"
+        "cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,\n"
+        "                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)\n"
+        "LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=VENV_ENV, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def no_weights(workdir: Path, checkpoint: Path) -> Path:  # noqa: F811
+    path = workdir / "relay-no-weights"
+    path.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (path / name).write_bytes((checkpoint / name).read_bytes())
+    return path
+
+
+def _wait_for(what: str, ready: Any, instances: list[Instance], timeout: float = START_TIMEOUT) -> Any:
+    """Poll ``ready()`` until it returns something truthy; fail at once if a worker died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        for instance in instances:
+            for rank, proc in enumerate(instance.procs):
+                if proc.poll() is not None:
+                    pytest.fail(f"{instance.name} rank {rank} exited with {proc.returncode} while waiting for "
+                                f"{what}:\n{instance.log_tail(rank)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _load(instance: Instance, model_dir: Path, extra: dict[str, Any]) -> None:
+    """Tell a waiting instance's ranks to load (its results go to ``instance.results_paths``)."""
+    for rank, proc in enumerate(instance.procs):
+        assert proc.stdin is not None
+        line = {"model": str(model_dir), "extra": extra, "result": str(instance.results_paths[rank])}
+        proc.stdin.write(json.dumps(line) + "\n")
+        proc.stdin.flush()
+
+
+def _records(registry_url: str) -> dict[str, Any]:
+    with open_registry(registry_url) as registry:
+        return {e.record.address: e.record for e in registry.listing(MODEL)}
+
+
+@dataclass
+class Burst:
+    origin: Results
+    first: Results
+    second: Results
+    #: the first instance's records as the second was told to load (address -> record)
+    first_filling: dict[str, Any]
+    #: the registry's records once both finished
+    after: dict[str, Any]
+    seconds: float  # from telling the first to load until both finished
+
+
+@pytest.fixture(scope="module")
+def burst(workdir: Path, checkpoint: Path, no_weights: Path) -> Iterator[Burst]:  # noqa: F811
+    directory = workdir / "relay-registry"
+    directory.mkdir()
+    url = f"file://{directory}"
+    origin_extra = {"MODEL": MODEL, "REGISTRY": url, "MAX_RATE_GBPS": ORIGIN_RATE_GBPS, "MAX_CONCURRENT": 1}
+    new_extra = {"MODEL": MODEL, "REGISTRY": url, "FALLBACK": False}  # RELAY and SERVE by default
+    origin = Instance(workdir, "relay-origin", checkpoint, WORLD, origin_extra)
+    # started at once, they import vLLM while the origin loads, then wait for their line
+    first = Instance(workdir, "relay-first", Path("-"), WORLD, {})
+    second = Instance(workdir, "relay-second", Path("-"), WORLD, {})
+    try:
+        origin_results = origin.results()
+        served = {r["outcome"]["served_at"] for r in origin_results}
+        for instance in (first, second):
+            _wait_for(f"{instance.name} to start", lambda i=instance: all(
+                WAITING in i.log_text(rank) for rank in range(WORLD)), [origin, first, second])
+        started = time.monotonic()
+        _load(first, no_weights, new_extra)
+
+        def first_filling() -> dict[str, Any]:
+            relays = {a: r for a, r in _records(url).items() if a not in served and r.state == "filling"}
+            return relays if len(relays) == WORLD else {}
+
+        filling = _wait_for("the first instance's ranks to register as filling", first_filling, [first])
+        _load(second, no_weights, new_extra)
+        first_results, second_results = first.results(), second.results()
+        seconds = time.monotonic() - started
+        yield Burst(origin_results, first_results, second_results, filling, _records(url), seconds)
+    finally:
+        for instance in (second, first, origin):
+            instance.close()
+
+
+def _check(results: Results, name: str) -> None:
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"{name} rank {rank}: {result.get('error')}: {result.get('message')}"
+
+
+def test_two_new_instances_with_only_a_registry_load_bit_exact_the_second_relaying_from_the_first(
+    burst: Burst,
+) -> None:
+    _check(burst.origin, "origin")
+    _check(burst.first, "first")
+    _check(burst.second, "second")
+    print(f"two TP={WORLD} relayed loads: {burst.seconds:.1f} s from the first's start until both were loaded")
+    origin_address = [r["outcome"]["served_at"] for r in burst.origin]
+    first_address = [r["outcome"]["served_at"] for r in burst.first]
+    for rank in range(WORLD):
+        assert burst.origin[rank]["outcome"]["path"] == "disk"
+        for results in (burst.first, burst.second):
+            outcome = results[rank]["outcome"]
+            assert outcome["path"] == "network" and outcome["relayed"], outcome
+            assert results[rank]["digests"] == burst.origin[rank]["digests"]  # every parameter and buffer
+            assert results[rank]["attributes"] == burst.origin[rank]["attributes"]  # and attribute tensors
+        # the first loaded from the origin; the second from the first, which was still filling when it looked
+        assert burst.first[rank]["outcome"]["sources"] == {origin_address[rank]: burst.first[rank]["outcome"]["bytes"]}
+        second = burst.second[rank]["outcome"]
+        assert second["sources"].get(first_address[rank], 0) > 0, second
+        assert origin_address[rank] not in second["sources"], second
+        # what the registry offered while the first filled, and after
+        assert first_address[rank] in burst.first_filling
+        assert burst.first_filling[first_address[rank]].rank == rank
+        assert burst.after[first_address[rank]].state == "ready"
+        assert burst.after[second["served_at"]].state == "ready"
+    # TP=2 really shards: the two ranks hold different halves of the vocabulary embedding
+    embed = next(name for name in burst.origin[0]["digests"] if "embed" in name)
+    assert burst.origin[0]["digests"][embed] != burst.origin[1]["digests"][embed]
