@@ -13,6 +13,7 @@ registered, and the first's fill (about 20 s at the cap) outlasts the second's f
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -22,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from netloader import WeightServer, load_weights
+from netloader.errors import ManifestMismatchError, NoSourceError
+from netloader.integrations.common import close_servers, keep_relay, receive, serve
+from netloader.integrations.config import NetloaderConfig, parse_config
 from netloader.registry import open_registry
-from test_vllm import START_TIMEOUT, VENV_ENV, Instance, workdir  # noqa: F401 - fixture
+from test_vllm import START_TIMEOUT, VENV_ENV, Instance, _free_port, workdir  # noqa: F401 - fixture
 from vllm_worker import WAITING
 
 MODEL = "relay-llama"
@@ -171,3 +177,146 @@ def test_two_new_instances_with_only_a_registry_load_bit_exact_the_second_relayi
     # TP=2 really shards: the two ranks hold different halves of the vocabulary embedding
     embed = next(name for name in burst.origin[0]["digests"] if "embed" in name)
     assert burst.origin[0]["digests"][embed] != burst.origin[1]["digests"][embed]
+
+
+# -- the common relay path, without an engine: real servers and transfers in this process ---------------------------
+IDENTITY: dict[str, Any] = {"model_id": "relay-unit", "rank": 0, "layout": {"tp": 1, "role": "target"}}
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randn(256, 1024, generator=generator) for i in range(4)}  # 4 MiB
+
+
+def _empty_like(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(t) for name, t in weights.items()}
+
+
+def _config(tmp_path: Path, **keys: Any) -> NetloaderConfig:
+    return parse_config({"MODEL": "relay-unit", "TOKEN": "relay-unit-token", "LISTEN_HOST": "127.0.0.1",
+                         "REGISTRY": f"file://{tmp_path / 'registry'}", "TIMEOUT": 20, **keys})
+
+
+@pytest.fixture
+def origin() -> Iterator[tuple[WeightServer, dict[str, torch.Tensor]]]:
+    weights = _weights(0)
+    server = WeightServer(weights, host="127.0.0.1", token="relay-unit-token", **IDENTITY).start()
+    yield server, weights
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_servers_left() -> Iterator[None]:
+    yield
+    close_servers()
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_relay_is_kept_as_the_rank_s_only_server_with_its_output_file(
+    tmp_path: Path, origin: tuple[WeightServer, dict[str, torch.Tensor]]
+) -> None:
+    server, weights = origin
+    config = _config(tmp_path, OUTPUT_PREFIX=str(tmp_path / "rank"))
+    target = _empty_like(weights)
+    report, relay = receive(target, [server.address], config, IDENTITY, rank=0, draft=False, host="127.0.0.1",
+                            relay=True)
+    assert relay is not None and relay.state == "ready" and relay.progress == 1.0
+    assert report.sources == {server.address: sum(t.nbytes for t in weights.values())}
+    assert _equal(target, weights)
+    address = keep_relay(relay, target, config, IDENTITY, rank=0, draft=False, host="127.0.0.1", engine="unit")
+    assert address == relay.address
+    assert (tmp_path / "rank0.txt").read_text() == address + "\n"
+    with open_registry(config.REGISTRY) as registry:  # type: ignore[arg-type]
+        records = {e.record.address: e.record.state for e in registry.listing("relay-unit")}
+    assert records == {address: "ready"}  # the origin here has no registry
+    # what it serves is what it received, to any client
+    again = _empty_like(weights)
+    assert load_weights(again, [address], token="relay-unit-token", **IDENTITY).source == address
+    assert _equal(again, weights)
+
+
+def test_a_tensor_the_engine_rebuilt_with_other_bytes_gets_a_fresh_server(
+    tmp_path: Path, origin: tuple[WeightServer, dict[str, torch.Tensor]]
+) -> None:
+    server, weights = origin
+    config = _config(tmp_path)
+    target = _empty_like(weights)
+    _, relay = receive(target, [server.address], config, IDENTITY, rank=0, draft=False, host="127.0.0.1", relay=True)
+    assert relay is not None
+    same = {**target, "layer0.weight": target["layer0.weight"].clone()}  # new memory, same bytes: the relay stays
+    assert keep_relay(relay, same, config, IDENTITY, rank=0, draft=False, host="127.0.0.1", engine="unit") == \
+        relay.address
+    other = {**target, "layer1.weight": target["layer1.weight"] + 1}  # other bytes: served anew
+    address = keep_relay(relay, other, config, IDENTITY, rank=0, draft=False, host="127.0.0.1", engine="unit")
+    assert address is not None and address != relay.address
+    got = _empty_like(weights)
+    load_weights(got, [address], token="relay-unit-token", **IDENTITY)
+    assert _equal(got, other)
+
+
+def test_a_relay_that_cannot_start_does_not_stop_the_load(
+    tmp_path: Path, origin: tuple[WeightServer, dict[str, torch.Tensor]]
+) -> None:
+    server, weights = origin
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = _config(tmp_path, LISTEN_PORT=taken.getsockname()[1])
+        target = _empty_like(weights)
+        report, relay = receive(target, [server.address], config, IDENTITY, rank=0, draft=False, host="127.0.0.1",
+                                relay=True)
+    assert relay is None and report.source == server.address
+    assert _equal(target, weights)
+
+
+def test_a_rank_never_loads_from_its_own_server(
+    tmp_path: Path, origin: tuple[WeightServer, dict[str, torch.Tensor]]
+) -> None:
+    """A SOURCE list shared by every instance names this one too, under any name of this host."""
+    server, weights = origin
+    port = _free_port()
+    config = _config(tmp_path, LISTEN_PORT=port, LISTEN_HOST="0.0.0.0")
+    target = _empty_like(weights)
+    own = [f"127.0.0.1:{port}", f"localhost:{port}", f"{socket.gethostbyname(socket.gethostname())}:{port}"]
+    report, relay = receive(target, [*own, server.address], config, IDENTITY, rank=0, draft=False, host="127.0.0.1",
+                            relay=True)
+    assert relay is not None and relay.port == port
+    assert report.source == server.address and report.failures == {}  # its own addresses were not even tried
+    relay.close()
+    with pytest.raises(NoSourceError, match="no source to fill from"):  # at once, not after a timeout
+        receive(_empty_like(weights), own, config, IDENTITY, rank=0, draft=False, host="127.0.0.1", relay=True)
+    assert _port_is_free(port)  # and the relay closed
+
+
+def test_a_failed_fill_closes_the_relay_and_leaves_no_record(tmp_path: Path) -> None:
+    """A source whose tensors differ (another model under the same name): the fill fails, the relay is closed, its
+    record gone, and the rank can serve what it loads from disk instead on the same port."""
+    other = {name: t[:128] for name, t in _weights(1).items()}
+    server = WeightServer(other, host="127.0.0.1", token="relay-unit-token", **IDENTITY).start()
+    try:
+        port = _free_port()
+        config = _config(tmp_path, LISTEN_PORT=port)
+        target = _empty_like(_weights(0))
+        with pytest.raises(NoSourceError) as failed:
+            receive(target, [server.address], config, IDENTITY, rank=0, draft=False, host="127.0.0.1", relay=True)
+        assert isinstance(failed.value.failures[server.address], ManifestMismatchError)
+        assert _port_is_free(port)
+        with open_registry(config.REGISTRY) as registry:  # type: ignore[arg-type]
+            assert [e.record.address for e in registry.listing("relay-unit")] == []
+        disk = _weights(0)  # what a disk load would give
+        address = serve(disk, config, IDENTITY, rank=0, draft=False, host="127.0.0.1", engine="unit")
+        assert address == f"127.0.0.1:{port}"
+    finally:
+        server.close()
