@@ -3,11 +3,12 @@
 An origin instance loads from disk and serves through a registry, its serving capped (``MAX_RATE_GBPS``) and one
 transfer at a time (``MAX_CONCURRENT=1``), so that a new instance's load from it is slow and keeps it busy. Two new
 instances with only the registry (no SOURCE, no weight file) start together (their vLLM imported while the origin
-loads); the first is told to load, and once each of its ranks' records says ``filling`` the second is told too.
-The origin is busy with the first, so the second's ranks load from the first's, which serve while they fill: both
-end bit-exact, the second names the first's addresses as its sources with bytes > 0, and the first's records turn
-``ready``. Determinism comes from the order of events, not from sleeps: the second looks up only after the first
-registered, and the first's fill (about 20 s at the cap) outlasts the second's few seconds to reach its lookup.
+loads); the first is told to load, and once each of its ranks' records says ``filling`` (and the origin's say
+busy) the second is told too. The burst policy sends the second's ranks to the first's, which serve while they
+fill: both end bit-exact, the second names the first's addresses as its only sources with bytes > 0, and the
+first's records turn ``ready``. Determinism comes from the order of events, not from sleeps: the second looks up
+only after the first registered and the origin's records show it busy, and the first's fill (about 20 s at the
+cap) outlasts the second's few seconds to reach its lookup.
 """
 
 from __future__ import annotations
@@ -130,10 +131,13 @@ def burst(workdir: Path, checkpoint: Path, no_weights: Path) -> Iterator[Burst]:
         _load(first, no_weights, new_extra)
 
         def first_filling() -> dict[str, Any]:
-            relays = {a: r for a, r in _records(url).items() if a not in served and r.state == "filling"}
-            return relays if len(relays) == WORLD else {}
+            """The first's records once both say filling and the origin's say busy (refreshed every 2 s)."""
+            records = _records(url)
+            relays = {a: r for a, r in records.items() if a not in served and r.state == "filling"}
+            busy = all(records[a].active_transfers == 1 for a in served if a in records)
+            return relays if len(relays) == WORLD and busy else {}
 
-        filling = _wait_for("the first instance's ranks to register as filling", first_filling, [first])
+        filling = _wait_for("the first instance's ranks to fill from the origin", first_filling, [first])
         _load(second, no_weights, new_extra)
         first_results, second_results = first.results(), second.results()
         seconds = time.monotonic() - started
@@ -169,6 +173,9 @@ def test_two_new_instances_with_only_a_registry_load_bit_exact_the_second_relayi
         second = burst.second[rank]["outcome"]
         assert second["sources"].get(first_address[rank], 0) > 0, second
         assert origin_address[rank] not in second["sources"], second
+        # straight to the first: the burst policy ranks an idle relay before a source whose slots are all in use
+        # (MAX_CONCURRENT=1 would also have turned it away from the origin, with a "busy" the log would show)
+        assert second["failed"] == [], second
         # what the registry offered while the first filled, and after
         assert first_address[rank] in burst.first_filling
         assert burst.first_filling[first_address[rank]].rank == rank

@@ -66,6 +66,7 @@ def describe(model, loader) -> dict[str, object]:  # type: ignore[no-untyped-def
             "source": outcome.report.source if outcome.report else None,
             "bytes": outcome.report.bytes if outcome.report else None,
             "sources": outcome.report.sources if outcome.report else {},  # bytes from each source
+            "failed": list(outcome.report.failures) if outcome.report else [],  # sources tried before, failed
             "relayed": outcome.relayed,  # it served while it loaded
         }
     return result
