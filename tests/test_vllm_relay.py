@@ -158,7 +158,9 @@ def test_two_new_instances_with_only_a_registry_load_bit_exact_the_second_relayi
     _check(burst.origin, "origin")
     _check(burst.first, "first")
     _check(burst.second, "second")
-    print(f"two TP={WORLD} relayed loads: {burst.seconds:.1f} s from the first's start until both were loaded")
+    print(f"two TP={WORLD} relayed loads: {burst.seconds:.1f} s from the first's start until both were loaded; "
+          f"load_model: first {max(r['load_seconds'] for r in burst.first):.1f} s, second "
+          f"{max(r['load_seconds'] for r in burst.second):.1f} s")
     origin_address = [r["outcome"]["served_at"] for r in burst.origin]
     first_address = [r["outcome"]["served_at"] for r in burst.first]
     for rank in range(WORLD):
