@@ -259,8 +259,13 @@ def test_instance_without_weight_files_loads_over_the_network_and_generates_the_
     assert any("rotary_emb.cos_sin_cache" in name for name in got["digests"])
     # the same greedy continuation of every prompt as the instance that read the checkpoint
     assert instance.started()["tokens"] == source.started()["tokens"]
-    # and it serves in turn (a free port: this instance gives no LISTEN_PORT)
+    # and it serves in turn (a free port: this instance gives no LISTEN_PORT), from the server it started before
+    # receiving (RELAY, the default): the one that served while it loaded is kept, no second one is started
     assert (workdir / "network-rank0.txt").read_text().strip() == outcome["served_at"]
+    assert outcome["relayed"], outcome
+    log = instance.log_text()
+    assert f"rank 0 (target) serves on {outcome['served_at']} while it loads (a relay)" in log
+    assert log.count("netloader serving 'tiny-llama' rank 0") == 1
 
 
 def test_dead_source_falls_back_to_disk_and_still_serves(
@@ -289,6 +294,7 @@ def test_tp2_instance_loads_each_rank_from_its_counterpart_and_generates_the_sam
         assert got["outcome"]["path"] == "network", got["outcome"]
         assert got["outcome"]["source"] == expected["outcome"]["served_at"]
         assert got["outcome"]["served_at"] is None  # SERVE false
+        assert not got["outcome"]["relayed"]  # nor does it serve while it loads
         assert got["shapes"] == expected["shapes"] and got["digests"] == expected["digests"]
     assert instance.started()["tokens"] == source.started()["tokens"]
 

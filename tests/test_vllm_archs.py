@@ -91,7 +91,8 @@ def loads(workdir: Path, checkpoints: Path) -> Iterator[Loads]:
     sources = [{"device_id": rank, "sources": [f"127.0.0.1:{port + rank}"]} for rank in range(WORLD)]
     source_extra = {"LISTEN_PORT": port}
     # no weight files: a failed network load must show as an error, not as a disk load's error
-    new_extra = {"SOURCE": sources, "FALLBACK": False, "SERVE": False}
+    # it serves while it loads (RELAY, the default): each architecture's load goes through a relay of its own
+    new_extra = {"SOURCE": sources, "FALLBACK": False}
     first = ARCHS[0]
     source = Instance(workdir, "source", checkpoints / first, WORLD, {"MODEL": first, **source_extra})
     # started at once (vLLM's imports overlap the source's start), it loads nothing until told
@@ -124,6 +125,7 @@ def test_architecture_loads_over_the_network_bit_exact(loads: Loads, arch: str) 
         outcome = new[rank]["outcome"]
         assert outcome["path"] == "network", outcome
         assert outcome["bytes"] > 0
+        assert outcome["relayed"] and outcome["served_at"], outcome
         assert new[rank]["shapes"] == source[rank]["shapes"]
         assert new[rank]["digests"] == source[rank]["digests"]  # every parameter and buffer, bit for bit
         assert new[rank]["attributes"] == source[rank]["attributes"]  # and tensors kept as module attributes
@@ -139,6 +141,8 @@ def test_phi_lm_head_bias_made_while_reading_the_checkpoint_arrives_too(loads: L
         assert "lm_head.bias" in loads.source["phi"][rank]["digests"]
         assert loads.new["phi"][rank]["digests"]["lm_head.bias"] == loads.source["phi"][rank]["digests"]["lm_head.bias"]
         assert "created lm_head.bias (bfloat16[128])" in loads.new_instance.log_text(rank)
+        # the retry's relay was built anew on the completed tensor set: the one kept describes the model as it runs
+        assert "changed after loading" not in loads.new_instance.log_text(rank)
 
 
 def test_a_remaining_mismatch_falls_back_naming_the_tensors_and_what_to_do(loads: Loads) -> None:

@@ -9,7 +9,8 @@ The result goes to RESULT_FILE (written whole, then renamed) because vLLM logs o
 ``{"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}``, has it load one more model in the same process
 (same gloo world, new model-parallel groups), which replaces the previous one and its server. A worker whose first
 load fails exits with status 3 once the result is written; a later failed load only writes its result. With
-``-`` as MODEL_DIR the worker starts without a model and waits for the first such line.
+``-`` as MODEL_DIR the worker starts without a model, prints ``WAITING FOR A MODEL`` once vLLM is imported and its
+plugins loaded, and waits for the first such line.
 
 Compiled CPU ops that this build of vLLM lacks and that model construction needs get a pure-torch stand-in (see
 :func:`register_cpu_op_stand_ins`).
@@ -30,6 +31,10 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+#: printed by a worker started without a model once it is ready to load one
+WAITING = "WAITING FOR A MODEL"
 
 
 def digest(tensor) -> str:  # type: ignore[no-untyped-def]
@@ -60,6 +65,9 @@ def describe(model, loader) -> dict[str, object]:  # type: ignore[no-untyped-def
             "served_at": outcome.served_at,
             "source": outcome.report.source if outcome.report else None,
             "bytes": outcome.report.bytes if outcome.report else None,
+            "sources": outcome.report.sources if outcome.report else {},  # bytes from each source
+            "failed": list(outcome.report.failures) if outcome.report else [],  # sources tried before, failed
+            "relayed": outcome.relayed,  # it served while it loaded
         }
     return result
 
@@ -186,7 +194,9 @@ def main() -> int:
 
     vllm.plugins.load_general_plugins()
     register_cpu_op_stand_ins()
-    if args.model != "-" and not load_and_report(args.model, json.loads(args.extra), args, args.result):
+    if args.model == "-":
+        print(WAITING, flush=True)
+    elif not load_and_report(args.model, json.loads(args.extra), args, args.result):
         return 3
     # stay up (and serving) until the test closes our stdin; each line it writes meanwhile is one more model for
     # this same process to load: {"model": MODEL_DIR, "extra": {...}, "result": RESULT_FILE}

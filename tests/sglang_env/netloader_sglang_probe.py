@@ -64,6 +64,7 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
             "role": outcome.role,
             "reason": outcome.reason,
             "served_at": outcome.served_at,
+            "relayed": outcome.relayed,
             "source": outcome.report.source if outcome.report else None,
             "bytes": outcome.report.bytes if outcome.report else None,
             "tensors": outcome.report.tensors if outcome.report else None,

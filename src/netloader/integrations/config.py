@@ -63,6 +63,9 @@ class NetloaderConfig(BaseModel):
     CONFIG_FILE: str | None = Field(None, min_length=1, description="JSON file whose keys take precedence")
     TOKEN: str | None = Field(None, min_length=1, max_length=4096, repr=False, description="shared secret")
     SERVE: bool = Field(True, description="serve this instance's weights after loading")
+    RELAY: bool = Field(
+        True, description="with SERVE: serve while loading (a relay: what is in place is served, the rest waited for)"
+    )
     FALLBACK: bool = Field(True, description="load from disk when the network path fails")
     TIMEOUT: float = Field(60.0, gt=0, le=86400, description="seconds any step may wait on a peer")
     HEARTBEAT_TIMEOUT: float = Field(

@@ -4,7 +4,9 @@ A rank with sources builds its model the way SGLang's default loader does, runs 
 quantization method's ``process_weights_after_loading`` to reach the layout the source runs with, then receives
 every runtime tensor in place through :func:`netloader.load_weights`. Any failure frees the half-built model and
 loads from disk with SGLang's ``DefaultModelLoader`` (unless ``FALLBACK`` is false). Whichever path loaded the
-model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is false).
+model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is false); on the network path (with
+``RELAY``, the default) that server starts before the first byte arrives and serves what is in place while the
+rank loads (see :func:`.common.receive`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader, 
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
-from ..client import LoadReport, load_weights
+from ..client import LoadReport
 from ..errors import NetloaderError
 from ..manifest import LayoutValue
+from ..server import WeightServer
 from .common import (
     LoadOutcome,
+    drop_relay,
     failure_reason,
     global_rank,
+    keep_relay,
     layout,
+    receive,
     release_memory,
     resolve_sources,
     runtime_tensors,
@@ -68,12 +74,15 @@ class NetloaderModelLoader(BaseModelLoader):
                                     "layout": sglang_layout(model_config, role)}
         sources, reason = resolve_sources(self.config, identity, draft=draft)
         model: nn.Module | None = None
+        relay: WeightServer | None = None
         outcome = LoadOutcome("disk", role, rank)
         if not sources:
             outcome.reason = reason
         else:
             try:
-                model, outcome.report = self._load_from_sources(model_config, device_config, sources, identity)
+                model, outcome.report, relay = self._load_from_sources(
+                    model_config, device_config, sources, identity, relay=self.config.SERVE and self.config.RELAY
+                )
                 outcome.path = "network"
             except Exception as exc:
                 outcome.reason = failure_reason(exc, "SGLang")
@@ -86,7 +95,11 @@ class NetloaderModelLoader(BaseModelLoader):
         if model is None:
             release_memory()
             model = self._disk.load_model(model_config=model_config, device_config=device_config)
-        if self.config.SERVE:
+        if relay is not None:  # it served while it loaded: it stays this rank's server
+            outcome.served_at = keep_relay(relay, runtime_tensors(model), self.config, identity, rank=rank,
+                                           draft=draft, host=_sglang_host(), engine=ENGINE)
+            outcome.relayed = True
+        elif self.config.SERVE:
             outcome.served_at = serve(runtime_tensors(model), self.config, identity, rank=rank, draft=draft,
                                       host=_sglang_host(), engine=ENGINE)
         self.outcome = outcome
@@ -102,12 +115,17 @@ class NetloaderModelLoader(BaseModelLoader):
         device_config: DeviceConfig,
         sources: list[str],
         identity: dict[str, Any],
-    ) -> tuple[nn.Module, LoadReport]:
+        *,
+        relay: bool,
+    ) -> tuple[nn.Module, LoadReport, WeightServer | None]:
+        """Build the model, receive it (serving it meanwhile with ``relay``). Returns it with the load's report and
+        the relay's server (None without one); on failure that server is closed first."""
         if model_config.quantization:
             raise NetloaderError(f"quantization {model_config.quantization!r}: netloader's SGLang loader transfers "
                                  "unquantized models only")
         target_device = torch.device(device_config.device)
         model: nn.Module | None = None
+        server: WeightServer | None = None
         try:
             # SGLang's own construction: the same classes, shapes and fused layout as a disk load
             model = self._disk.initialize_model_for_startup(model_config=model_config, device_config=device_config)
@@ -117,13 +135,14 @@ class NetloaderModelLoader(BaseModelLoader):
                 # derived tensors included, since they are runtime tensors too.
                 post_load_weights(model)
                 DefaultModelLoader.postprocess_weights(model, target_device)
-            report = load_weights(runtime_tensors(model), sources, token=self.config.token(),
-                                  timeout=self.config.TIMEOUT, heartbeat_timeout=self.config.HEARTBEAT_TIMEOUT,
-                                  bucket_size=self.config.bucket_size(),
-                                  progress=False, **identity)
-            return model.eval(), report
+            report, server = receive(runtime_tensors(model), sources, self.config, identity,
+                                     rank=int(identity["rank"]), draft=identity["layout"]["role"] == "draft",
+                                     host=_sglang_host(), relay=relay)
+            return model.eval(), report, server
         except BaseException:
-            model = None  # the traceback keeps this frame: it must not keep the half-built model
+            if server is not None:  # a model that is not used is not offered either
+                drop_relay(server)
+            model = server = None  # the traceback keeps this frame: it must not keep the half-built model
             raise
 
 

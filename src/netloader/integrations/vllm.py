@@ -5,7 +5,9 @@ vLLM loads :func:`register` in every process through the ``vllm.general_plugins`
 ``process_weights_after_loading`` to reach the layout the source runs with, receives every runtime tensor in place
 through :func:`netloader.load_weights`, then lets vLLM rebuild host-side state from the received values. Any
 failure frees the half-built model and loads from disk with vLLM's default loader (unless ``FALLBACK`` is false).
-Whichever path loaded the model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is false).
+Whichever path loaded the model, a :class:`netloader.WeightServer` then serves it (unless ``SERVE`` is false); on
+the network path (with ``RELAY``, the default) that server starts before the first byte arrives and serves what
+is in place while the rank loads (see :func:`.common.receive`).
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.model_executor.utils import weights_already_processed
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from ..client import LoadReport, load_weights
+from ..client import LoadReport
 from ..errors import ManifestMismatchError, NetloaderError, NoSourceError
 from ..manifest import DTYPES, LayoutValue, Manifest
+from ..server import WeightServer
 from .common import (
     LoadOutcome,
+    drop_relay,
     failure_reason,
     global_rank,
+    keep_relay,
     layout,
+    receive,
     release_memory,
     resolve_sources,
     runtime_tensors,
@@ -77,13 +83,18 @@ class NetloaderModelLoader(BaseModelLoader):
         identity = {"model_id": self.config.MODEL or model_config.model, "rank": rank,
                     "layout": _layout(vllm_config, model_config, role)}
         sources, reason = resolve_sources(self.config, identity, draft=draft)
+        # a sleeping instance releases its weights' device memory under the tensors a server would read
+        serving = self.config.SERVE and not model_config.enable_sleep_mode
         model: nn.Module | None = None
+        relay: WeightServer | None = None
         outcome = LoadOutcome("disk", role, rank)
         if not sources:
             outcome.reason = reason
         else:
             try:
-                model, outcome.report = self._load_from_sources(vllm_config, model_config, prefix, sources, identity)
+                model, outcome.report, relay = self._load_from_sources(
+                    vllm_config, model_config, prefix, sources, identity, relay=serving and self.config.RELAY
+                )
                 outcome.path = "network"
             except Exception as exc:
                 outcome.reason = failure_reason(exc, "vLLM")
@@ -98,8 +109,11 @@ class NetloaderModelLoader(BaseModelLoader):
             with _accelerator_guard():
                 model = self._disk.load_model(vllm_config, model_config, prefix)
         if self.config.SERVE and model_config.enable_sleep_mode:
-            # a sleeping instance releases its weights' device memory under the tensors a server would read
             logger.warning("netloader: rank %d does not serve its weights: sleep mode is enabled", rank)
+        elif relay is not None:  # it served while it loaded: it stays this rank's server
+            outcome.served_at = keep_relay(relay, runtime_tensors(model), self.config, identity, rank=rank,
+                                           draft=draft, host=self.config.LISTEN_HOST or _vllm_host(), engine=ENGINE)
+            outcome.relayed = True
         elif self.config.SERVE:
             outcome.served_at = serve(runtime_tensors(model), self.config, identity, rank=rank, draft=draft,
                                       host=self.config.LISTEN_HOST or _vllm_host(), engine=ENGINE)
@@ -114,11 +128,16 @@ class NetloaderModelLoader(BaseModelLoader):
         prefix: str,
         sources: list[str],
         identity: dict[str, Any],
-    ) -> tuple[nn.Module, LoadReport]:
+        *,
+        relay: bool,
+    ) -> tuple[nn.Module, LoadReport, WeightServer | None]:
+        """Build the model, receive it (serving it meanwhile with ``relay``), finish it. Returns it with the load's
+        report and the relay's server (None without one); on failure that server is closed first."""
         load_device = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
         target_device = torch.device(load_device)
         registered = _registry_snapshot(vllm_config)
         model: nn.Module | None = None
+        server: WeightServer | None = None
         try:
             with set_default_torch_dtype(model_config.dtype):
                 with target_device:
@@ -126,34 +145,40 @@ class NetloaderModelLoader(BaseModelLoader):
                 _check_supported(model)
                 # The layout the source runs with: processing is shape-driven, the values are overwritten below.
                 process_weights_after_loading(model, model_config, target_device)
-                report = _receive(model, sources, self.config, identity)
+                report, server = _receive(model, sources, self.config, identity, relay=relay,
+                                          host=self.config.LISTEN_HOST or _vllm_host())
                 # Host-side state derived from weight values (e.g. float copies of scales) is rebuilt from the
                 # received tensors; vLLM skips every tensor transform in this mode.
                 with weights_already_processed():
                     process_weights_after_loading(model, model_config, target_device)
-            return model.eval(), report
+            return model.eval(), report, server
         except BaseException:
-            model = None  # the traceback keeps this frame: it must not keep the half-built model
+            if server is not None:  # a model that is not used is not offered either
+                drop_relay(server)
+            model = server = None  # the traceback keeps this frame: it must not keep the half-built model
             _registry_restore(vllm_config, registered)
             raise
 
 
-def _receive(model: nn.Module, sources: list[str], config: NetloaderConfig, identity: dict[str, Any]) -> LoadReport:
-    """Receive every runtime tensor of ``model`` in place.
+def _receive(
+    model: nn.Module, sources: list[str], config: NetloaderConfig, identity: dict[str, Any], *, relay: bool, host: str
+) -> tuple[LoadReport, WeightServer | None]:
+    """Receive every runtime tensor of ``model`` in place (serving them meanwhile with ``relay``).
 
     The client learns the source's manifest only in the handshake of a load. When every source refused because
     their manifest holds tensors this model makes only while reading a checkpoint (see
     :func:`create_checkpoint_dependent_tensors`), those are created and the sources asked once more: one more
-    handshake, and the client's warning about the first refusal stays in the log.
+    handshake, and the client's warning about the first refusal stays in the log. A relay's server describes the
+    tensors it was built on, so the first attempt's server (closed when that attempt failed; no byte had moved)
+    is not reused: the retry builds a new one on the completed tensor set, on the same port.
     """
 
-    def receive() -> LoadReport:
-        return load_weights(runtime_tensors(model), sources, token=config.token(), timeout=config.TIMEOUT,
-                            heartbeat_timeout=config.HEARTBEAT_TIMEOUT, bucket_size=config.bucket_size(),
-                            progress=False, **identity)
+    def attempt() -> tuple[LoadReport, WeightServer | None]:
+        return receive(runtime_tensors(model), sources, config, identity, rank=int(identity["rank"]),
+                       draft=identity["layout"]["role"] == "draft", host=host, relay=relay)
 
     try:
-        return receive()
+        return attempt()
     except NoSourceError as exc:
         # a source that refused with a manifest mismatch sent its manifest first; no byte has moved
         offered = [err.source for err in exc.failures.values()
@@ -163,7 +188,7 @@ def _receive(model: nn.Module, sources: list[str], config: NetloaderConfig, iden
             raise
     logger.info("netloader: rank %s: created %s, which this model makes only while reading a checkpoint that "
                 "holds them (the source's does); asking the sources again", identity["rank"], ", ".join(created))
-    return receive()
+    return attempt()
 
 
 def create_checkpoint_dependent_tensors(model: nn.Module, source: Manifest) -> list[str]:
