@@ -4,7 +4,10 @@ clients load from it back to back, as a fraction of its rate alone.
     OMP_NUM_THREADS=1 .venv/bin/python bench/max_rate_cost.py [--mib 256] [--caps 0 1 0.5 0.2] [--seconds 6]
 
 The source (this process) holds a Llama-shaped model and runs a 512x512 float32 matmul loop on one thread; a client
-process loads the model from it over loopback again and again. Per cap (GB/s; 0: no cap) the loop's iterations
+process loads the model from it over loopback again and again. On a machine with at least two cores the source
+process is pinned to core 0 and the client to core 1, as if they were two hosts: what the loop loses is what
+serving takes from the source's own core (its sending threads, the kernel's copies), not a client competing for
+the same core. Per cap (GB/s; 0: no cap) the loop's iterations
 per second are counted over ``--seconds`` while serving, between two measurements of the loop alone; caps
 alternate over ``--runs`` rounds and medians are printed, with the serving rate reached.
 """
@@ -12,6 +15,7 @@ alternate over ``--runs`` rounds and medians are printed, with the serving rate 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -61,6 +65,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
+    pin = len(os.sched_getaffinity(0)) >= 2
+    if pin:
+        os.sched_setaffinity(0, {0})
     model = build_model(llama_of_size(args.mib << 20), touch=True)
     loop = Loop()
     cost: dict[float, list[float]] = {c: [] for c in args.caps}
@@ -69,7 +76,8 @@ def main() -> None:
         for cap in args.caps:
             server = netloader.WeightServer(model, model_id="cost", host="127.0.0.1",
                                             max_rate=cap * 1e9 if cap else None).start()
-            client = subprocess.Popen([sys.executable, "-c", CLIENT, server.address, str(args.mib << 20)],
+            argv = [sys.executable, "-c", CLIENT, server.address, str(args.mib << 20)]
+            client = subprocess.Popen((["taskset", "-c", "1"] if pin else []) + argv,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert client.stdin is not None and client.stdout is not None
             alone = loop.rate(args.seconds / 2)
