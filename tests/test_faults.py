@@ -139,15 +139,15 @@ def test_partition_that_heals_and_one_that_lasts(net: Network, tmp_path: Path) -
     baselines = {s.address: s.stats() for s in (healed, cut, backup)}
     total = _total()
 
+    short_host, long_host = net.add_host("c1"), net.add_host("c2")  # hosts are added from one thread only
+
     def heals() -> dict[str, Any]:
-        client = _client(net.add_host("c1"), [healed.address, backup.address], mark_at=0.3)
+        client = _client(short_host, [healed.address, backup.address], mark_at=0.3)
         wait_mark(client)
         net.cut(healed_host)
         time.sleep(1.0)
         net.heal(healed_host)
         return result(client)
-
-    long_host = net.add_host("c2")
 
     def lasts() -> tuple[dict[str, Any], float, float | None]:
         client = _client(long_host, [cut.address, backup.address], mark_at=0.3)
@@ -197,11 +197,12 @@ def test_a_link_that_flaps(net: Network, tmp_path: Path) -> None:
     sources = [_source(h, tmp_path) for h in flapping]
     ready(backup, *sources)
     baselines = {s.address: s.stats() for s in (backup, *sources)}
+    clients = [net.add_host(f"c{seed}") for seed in (1, 2)]  # hosts are added from one thread only
 
     def flap(seed: int) -> tuple[dict[str, Any], int]:
         host, src = flapping[seed - 1], sources[seed - 1]
         rng = random.Random(seed)
-        client = _client(net.add_host(f"c{seed}"), [src.address, backup.address], mark_at=0.1)
+        client = _client(clients[seed - 1], [src.address, backup.address], mark_at=0.1)
         wait_mark(client)
         cuts = 0
         while client.poll() is None and cuts < FLAPS:

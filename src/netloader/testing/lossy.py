@@ -127,7 +127,8 @@ class LossyLink:
         self.addresses = {a.name: f"{subnet}.1", b.name: f"{subnet}.2"}
         self.loss, self.delay, self.seed = loss, delay, seed
         self.counts: dict[str, int] = {}
-        spec = {"namespaces": [a.ns, b.ns], "loss": loss, "delay": delay, "seed": seed}
+        self.device = f"nltap{LossyLink._count}"  # the TAP device's name in both hosts (one per link)
+        spec = {"namespaces": [a.ns, b.ns], "device": self.device, "loss": loss, "delay": delay, "seed": seed}
         self.proc = subprocess.Popen([sys.executable, "-m", "netloader.testing.lossy", json.dumps(spec)],
                                      stdout=subprocess.PIPE, text=True)
         a.procs.append(self.proc)  # the network's teardown kills it too
@@ -137,9 +138,9 @@ class LossyLink:
             self.close()
             raise HostsUnavailable(f"the lossy-link forwarder did not start (exit {self.proc.poll()}): {line!r}")
         for host in (a, b):
-            _run("ip", "-n", host.ns, "link", "set", "tap0", "mtu", str(MTU))
-            _run("ip", "-n", host.ns, "addr", "add", f"{self.addresses[host.name]}/24", "dev", "tap0")
-            _run("ip", "-n", host.ns, "link", "set", "tap0", "up")
+            _run("ip", "-n", host.ns, "link", "set", self.device, "mtu", str(MTU))
+            _run("ip", "-n", host.ns, "addr", "add", f"{self.addresses[host.name]}/24", "dev", self.device)
+            _run("ip", "-n", host.ns, "link", "set", self.device, "up")
 
     def address(self, host: Host) -> str:
         return self.addresses[host.name]
@@ -164,9 +165,10 @@ class LossyLink:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="forward frames between two TAP devices, losing and delaying")
-    parser.add_argument("spec", help='JSON: {"namespaces": [ns_a, ns_b], "loss": p, "delay": s, "seed": n}')
+    parser.add_argument("spec", help='JSON: {"namespaces": [ns_a, ns_b], "device": name, "loss": p, "delay": s, '
+                                     '"seed": n}')
     spec: dict[str, Any] = json.loads(parser.parse_args(argv).spec)
-    fds = (_open_tap(spec["namespaces"][0], "tap0"), _open_tap(spec["namespaces"][1], "tap0"))
+    fds = (_open_tap(spec["namespaces"][0], spec["device"]), _open_tap(spec["namespaces"][1], spec["device"]))
     print(json.dumps({"ready": True}), flush=True)
     counts = {"forwarded": 0, "dropped": 0}
     forward(fds, float(spec["loss"]), float(spec["delay"]), int(spec["seed"]), counts)
