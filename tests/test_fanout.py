@@ -72,7 +72,9 @@ def test_striped_load_completes_from_the_others_when_a_source_is_killed_and_anot
     result = _result(client)
     assert result["ok"], result
     assert set(result["failures"]) == {killed.address, cut.address}, result["failures"]
-    assert "stopped answering" in result["failures"][cut.address], result["failures"]
+    # given up mid-transfer, or (on a busy machine, where the client had not reached it yet at 25%) unreachable
+    cut_error = result["failures"][cut.address]
+    assert "stopped answering" in cut_error or cut_error.startswith("ConnectError"), result["failures"]
     assert result["by_source"][kept.address] > 0
     assert sum(result["by_source"].values()) == result["bytes"]
     print(f"\n[striped, one killed, one cut] MiB per source: "
