@@ -137,3 +137,14 @@ def net() -> Iterator[Any]:
 
     with Network() as network:
         yield network
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault-injection suite's table (tests/faultlog.py), when fault tests ran."""
+    import faultlog
+
+    table = faultlog.lines()
+    if table:
+        terminalreporter.section("fault injection: every run ends bit-exact or with a clean NetloaderError")
+        for line in table:
+            terminalreporter.write_line(line)

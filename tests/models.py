@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from netloader.synthetic import build_model, fill_, fill_tensor_, llama_of_size
+from netloader.synthetic import LlamaShape, build_model, fill_, fill_tensor_, llama_of_size
+
+#: a Llama-shaped model small enough for "mib<N>" to be about N MiB from 40 MiB up (32k vocab, as "llama<N>"
+#: uses, makes any model below 348 MiB one layer of 348 MiB)
+SMALL_SHAPE = LlamaShape(vocab=8192, hidden=1024, intermediate=2816, layers=1, heads=8, kv_heads=8)
 
 #: every dtype the core must move bit-exact
 DTYPES = [
@@ -56,8 +60,10 @@ def build(kind: str, seed: int | None, variant: str = "base") -> nn.Module | dic
         model: nn.Module | dict[str, torch.Tensor] = Mixed(variant)
     elif kind == "many":
         model = many_small()
-    elif kind.startswith("llama"):  # llama<MiB>, e.g. llama1024
+    elif kind.startswith("llama"):  # llama<MiB>, e.g. llama1024 (at least 348 MiB: one layer of the demo shape)
         model = build_model(llama_of_size(int(kind[5:]) << 20), touch=seed is None)
+    elif kind.startswith("mib"):  # mib<MiB>, e.g. mib64: a small Llama of about that size
+        model = build_model(llama_of_size(int(kind[3:]) << 20, SMALL_SHAPE), touch=seed is None)
     else:
         raise ValueError(kind)
     if seed is None:

@@ -1,28 +1,26 @@
-"""Dead, stalled and silent peers: noticed fast, reported per source, nothing leaked, loads resume elsewhere."""
+"""Stalled, unreachable and silent peers on loopback: noticed within the timeout, reported per source.
+
+Sources SIGKILLed or SIGSTOPped, clients killed, partitions and the rest of the faults a fleet sees are in the
+fault-injection suite (test_faults.py), on emulated hosts.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
 import netloader
-from conftest import client_result, spawn_client
 from models import build, named
 from netloader.synthetic import bytes_equal
 
-#: 256 MiB in 1 MiB messages: long enough to be interrupted part-way, deterministically (on_progress)
+#: 348 MiB ("llama<N>" is at least that) in 1 MiB messages: long enough to be interrupted part-way, deterministically
+#: (on_progress)
 KIND, PLAN = "llama256", {"chunk_size": 1 << 20, "bucket_size": 1 << 20}
-
-
-def _bit_exact(model: object, seed: int) -> bool:
-    expected = named(build(KIND, seed))
-    return all(bytes_equal(t, expected[n]) for n, t in named(model).items())  # type: ignore[arg-type]
 
 
 class Once:
@@ -36,43 +34,6 @@ class Once:
         if self.at is None and done >= self.fraction * total:
             self.action()
             self.at = time.monotonic()
-
-
-def test_source_killed_mid_transfer_is_noticed_at_once(source):
-    src = source(KIND, seed=1, **PLAN)
-    model = build(KIND, None)
-    kill_at_30_percent = Once(0.3, src.kill)  # SIGKILL
-    threads_before = threading.active_count()
-    with pytest.raises(netloader.NoSourceError) as info:
-        netloader.load_weights(model, [src.address], model_id="test-model", timeout=20, on_progress=kill_at_30_percent)
-    assert kill_at_30_percent.at is not None
-    noticed_after = time.monotonic() - kill_at_30_percent.at
-    failure = info.value.failures[src.address]
-    assert isinstance(failure, netloader.TransferError)
-    assert noticed_after < 3, f"took {noticed_after:.1f} s with timeout=20"
-    # no thread left behind: a gloo wait that the dead peer left hanging ends by itself within the timeout
-    deadline = time.monotonic() + 25
-    while threading.active_count() > threads_before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert threading.active_count() == threads_before, [t.name for t in threading.enumerate()]
-
-
-def test_killed_source_is_resumed_from_the_next_source(source):
-    first, second = source(KIND, seed=1, **PLAN), source(KIND, seed=1, **PLAN)
-    model = build(KIND, None)
-    kill_first = Once(0.4, first.kill)
-    report = netloader.load_weights(model, [first.address, second.address], model_id="test-model",
-                                    on_progress=kill_first)
-    assert report.source == second.address
-    assert isinstance(report.failures[first.address], netloader.TransferError)
-    assert report.resumed_at > 0  # did not start over
-    total = sum(t.numel() * t.element_size() for t in named(model).values())
-    assert report.bytes < 0.7 * total
-    # what arrived stayed: kept + fetched again covers the model, and little of it was fetched twice
-    assert report.resumed_bytes + report.bytes == total
-    assert report.resumed_bytes >= 0.3 * total
-    assert report.refetched_bytes <= 0.1 * total
-    assert _bit_exact(model, 1)
 
 
 def test_stalled_source_is_abandoned_within_the_timeout(source):
@@ -89,28 +50,6 @@ def test_stalled_source_is_abandoned_within_the_timeout(source):
         os.kill(src.pid, signal.SIGCONT)
     assert isinstance(info.value.failures[src.address], netloader.TransferError)
     assert 2 < waited < 3 + 5
-
-
-def test_client_killed_mid_transfer_does_not_hurt_the_source(source):
-    # timeout=5: gloo does not wake a send that is part-way through the socket when its peer dies, so such a
-    # wait (one waiter thread and the group's sockets) lasts until the source's timeout; the slot is freed at
-    # once. A short timeout lets the test see that even that wait ends and nothing stays behind.
-    src = source(KIND, seed=1, timeout=5, **PLAN)
-    warm = build(KIND, None)  # first transfer: process-wide state is created once
-    netloader.load_weights(warm, [src.address], model_id="test-model")
-    baseline = src.idle_stats()
-    doomed = spawn_client({"model": KIND, "expect_seed": 1, "sources": [src.address], "model_id": "test-model",
-                           "die_at": 0.3})
-    doomed.wait(120)
-    assert doomed.returncode == -signal.SIGKILL
-    assert src.idle_stats()["active"] == 0  # the slot is free long before the timeout
-    stats = src.settled_stats(baseline, timeout=20)
-    assert (stats["active"], stats["connections"]) == (0, 0)
-    assert stats["threads"] <= baseline["threads"] and stats["fds"] <= baseline["fds"], (baseline, stats)
-    assert "ended" in src.log_text() or "failed" in src.log_text()
-    result = client_result(spawn_client({"model": KIND, "expect_seed": 1, "sources": [src.address],
-                                         "model_id": "test-model"}))
-    assert result["ok"], result
 
 
 def test_unreachable_and_silent_sources_are_skipped(source):

@@ -1,6 +1,7 @@
 """Fan-out and striping on emulated hosts (network namespaces on one bridge, each host's link rate-limited both
 ways): a striped load from several sources, sources killed or cut during it, relays that serve while they load,
-a chain of relays, a burst of new instances finding each other through a registry, a relay killed mid-fill.
+a chain of relays, a burst of new instances finding each other through a registry. A relay killed mid-chain, and
+every other fault: the fault-injection suite, test_faults.py.
 
 Real processes on real (emulated) links; every load is checked bit for bit. Nothing here asserts a duration;
 the times are printed (``pytest -s``).
@@ -8,16 +9,17 @@ the times are printed (``pytest -s``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ENV, HERE, Source, _readline
+from conftest import Source
+from hostprocs import Relay, start_client, start_relay, start_source
+from hostprocs import result as _result
+from hostprocs import wait_mark as _mark
 from netloader.testing.hosts import Host
 
 KIND = "llama96"  # 96 MiB: ~2 s over one 400 Mbit/s link
@@ -28,61 +30,21 @@ TIMEOUT = 120.0
 
 
 def _source(host: Host, tmp_path: Path, kind: str = KIND, **kwargs: Any) -> Source:
-    spec = {"model": kind, "seed": 1, "model_id": "fan", "host": host.address, "heartbeat_timeout": HEARTBEAT,
-            "timeout": TIMEOUT, **kwargs}
-    log = tmp_path / f"source-{host.name}.log"
-    with log.open("w") as err:
-        proc = host.popen([sys.executable, str(HERE / "source_proc.py"), json.dumps(spec)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
-    src = Source(proc, "", log)
-    try:
-        src.address = json.loads(_readline(proc, 120))["address"]
-    except Exception:
-        raise RuntimeError(f"source failed to start:\n{log.read_text()}") from None
-    return src
-
-
-class Relay(Source):
-    """A relay process (tests/relay_proc.py): prints its address, then its fill's result, then serves."""
-
-    def result(self, timeout: float = 240) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = json.loads(_readline(self.proc, max(1.0, deadline - time.monotonic())))
-            if "mark" not in line:
-                return line
+    spec = {"model": kind, "seed": 1, "model_id": "fan", "heartbeat_timeout": HEARTBEAT, "timeout": TIMEOUT,
+            **kwargs}
+    return start_source(host, tmp_path, spec)
 
 
 def _relay(host: Host, tmp_path: Path, kind: str = KIND, **kwargs: Any) -> Relay:
-    spec = {"model": kind, "expect_seed": 1, "model_id": "fan", "host": host.address,
-            "heartbeat_timeout": HEARTBEAT, "timeout": TIMEOUT, **kwargs}
-    log = tmp_path / f"relay-{host.name}.log"
-    with log.open("w") as err:
-        proc = host.popen([sys.executable, str(HERE / "relay_proc.py"), json.dumps(spec)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
-    relay = Relay(proc, "", log)
-    try:
-        relay.address = json.loads(_readline(proc, 120))["address"]
-    except Exception:
-        raise RuntimeError(f"relay failed to start:\n{log.read_text()}") from None
-    return relay
+    spec = {"model": kind, "expect_seed": 1, "model_id": "fan", "heartbeat_timeout": HEARTBEAT, "timeout": TIMEOUT,
+            **kwargs}
+    return start_relay(host, tmp_path, spec)
 
 
 def _client(host: Host, sources: list[str], kind: str = KIND, **kwargs: Any) -> subprocess.Popen[str]:
     spec = {"model": kind, "expect_seed": 1, "sources": sources, "model_id": "fan", "timeout": TIMEOUT,
             "heartbeat_timeout": HEARTBEAT, **kwargs}
-    return host.popen([sys.executable, str(HERE / "client_proc.py"), json.dumps(spec)], stdout=subprocess.PIPE,
-                      text=True, env=ENV)
-
-
-def _result(client: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = client.communicate(timeout=300)
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _mark(proc: subprocess.Popen[str]) -> None:
-    line = json.loads(_readline(proc, 180))
-    assert "mark" in line, line
+    return start_client(host, spec)
 
 
 def test_striped_load_over_three_sources_is_bit_exact_with_bytes_from_each(net, tmp_path):
@@ -110,9 +72,9 @@ def test_striped_load_completes_from_the_others_when_a_source_is_killed_and_anot
     result = _result(client)
     assert result["ok"], result
     assert set(result["failures"]) == {killed.address, cut.address}, result["failures"]
-    # cut mid-transfer: its heartbeats stop; or its session had finished and a new one could not connect
-    assert ("stopped answering" in result["failures"][cut.address]
-            or "cannot connect" in result["failures"][cut.address]), result["failures"]
+    # given up mid-transfer, or (on a busy machine, where the client had not reached it yet at 25%) unreachable
+    cut_error = result["failures"][cut.address]
+    assert "stopped answering" in cut_error or cut_error.startswith("ConnectError"), result["failures"]
     assert result["by_source"][kept.address] > 0
     assert sum(result["by_source"].values()) == result["bytes"]
     print(f"\n[striped, one killed, one cut] MiB per source: "
@@ -149,9 +111,7 @@ def test_burst_of_four_new_instances_through_a_registry_form_a_chain(net, tmp_pa
     relays = [_relay(net.add_host(f"n{i}", rate_mbit=RATE), tmp_path, "llama192", registry=registry, server=fast,
                      wait_go=True) for i in range(4)]
     for relay in relays:  # a burst: one starts every 0.7 s, all while the first is still loading (~8 s here)
-        assert relay.proc.stdin is not None
-        relay.proc.stdin.write("go\n")
-        relay.proc.stdin.flush()
+        relay.go()
         time.sleep(0.7)
     results = [r.result() for r in relays]
     addresses = {r.address for r in relays}
@@ -173,18 +133,3 @@ def _served(relay: Relay, timeout: float = 15.0) -> int:
         if served or time.monotonic() > deadline:
             return served
         time.sleep(0.2)
-
-
-def test_a_relay_killed_mid_fill_leaves_its_downstream_to_complete_from_elsewhere(net, tmp_path):
-    origin = _source(net.add_host("origin", rate_mbit=RATE), tmp_path, "llama192")
-    relay = _relay(net.add_host("relay", rate_mbit=RATE), tmp_path, "llama192", sources=[origin.address],
-                   mark_at=0.4)
-    client = _client(net.add_host("new", rate_mbit=RATE), [relay.address, origin.address], "llama192")
-    _mark(relay.proc)
-    relay.kill()
-    result = _result(client)
-    assert result["ok"], result
-    assert relay.address in result["failures"], result
-    assert result["by_source"].get(origin.address, 0) > 0, result
-    print(f"\n[relay killed mid-fill] downstream kept {result['resumed_bytes'] / 2**20:.1f} MiB from the relay, "
-          f"fetched {result['bytes'] / 2**20:.1f} MiB from the origin; relay failure: {result['failures']}")

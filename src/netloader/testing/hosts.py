@@ -9,7 +9,9 @@ network. What a test or a benchmark can do to a host:
 - ``net.cut(host)`` / ``net.heal(host)`` stop and restore forwarding on the host's bridge port (the port's STP
   state set to *disabled*: every frame in either direction is dropped at the switch, while both ends keep their
   carrier, so neither kernel notices anything and no FIN or RST is sent: a partition, as a pulled cable between
-  two switches looks).
+  two switches looks);
+- ``netloader.testing.lossy.LossyLink(a, b, loss=..., delay=...)`` adds a second link between two hosts that
+  drops and delays frames (this kernel has no netem).
 
 Names are unique per network (``nl<6 hex>...``), and everything is torn down by :meth:`Network.close`, at
 interpreter exit, and on SIGTERM/SIGINT/SIGHUP (processes started with ``popen`` are killed first).
