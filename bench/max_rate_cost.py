@@ -108,6 +108,7 @@ def main() -> None:
             print(f"run {run + 1} cap {cap or 'none'}: matmul slowed by {cost[cap][-1]:.0%}, "
                   f"serving {reached[cap][-1]:.2f} GB/s", flush=True)
     loop.stop.set()
+    loop.thread.join()  # torch must not be mid-matmul in a daemon thread at interpreter exit
     print("\n| cap (GB/s) | matmul slowdown on the source | serving rate |\n|---|---|---|")
     for cap in args.caps:
         print(f"| {cap or 'none'} | {statistics.median(cost[cap]):.0%} | {statistics.median(reached[cap]):.2f} GB/s |")

@@ -1,10 +1,11 @@
 """``netloader bench --fleet``: fan-out and striping on emulated hosts with their own links (root only).
 
 Every host is a network namespace on one bridge (:mod:`netloader.testing.hosts`) with its link limited to
-``--fleet-mbit`` (400 Mbit/s) both ways; one *origin* serves a ~200 MiB model. Worker processes (one per host, this
-module's ``worker``) hold the model and stay up for the whole run; each load's target is zeroed before it starts
-and its bytes are hashed after it (outside the timing) and compared with the origin's. Measured, medians of
-``--fleet-runs`` runs:
+``--fleet-mbit`` (400 Mbit/s) both ways; one *origin* serves a Llama-shaped model of about ``--fleet-mib`` (the
+default 200 MiB gives 348 MiB: the smallest shape has one layer and a 32k vocabulary). Worker processes (one per
+host, this module's ``worker``) hold the model and stay up for the whole run; each load's target is zeroed before
+it starts and its bytes are hashed after it (outside the timing) and compared with the origin's. Measured, medians
+of ``--fleet-runs`` runs:
 
 - **unit**: one new instance alone from the origin;
 - **pull N** / **relay N** (N = 2, 4, 8 at once): every new instance loads from the origin (today's behaviour), or
@@ -195,7 +196,10 @@ def run_fleet(nbytes: int = 200 * MiB, runs: int = 3, mbit: float = 400.0, log: 
             proc.p.stdin.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     unit = med["unit"]
-    return {"nbytes": nbytes, "mbit": mbit, "runs": runs, "seconds": results, "median": med,
+    from .synthetic import llama_of_size
+
+    return {"nbytes": nbytes, "model_bytes": llama_of_size(nbytes).nbytes, "mbit": mbit, "runs": runs,
+            "seconds": results, "median": med,
             "ratio": {k: v / unit for k, v in med.items() if not k.startswith("loop")},
             "loopback_vs_plain": {k: v / med["loop_plain"] for k, v in med.items() if k.startswith("loop")}}
 
@@ -203,7 +207,9 @@ def run_fleet(nbytes: int = 200 * MiB, runs: int = 3, mbit: float = 400.0, log: 
 def render(result: dict[str, Any]) -> str:
     m, r = result["median"], result["ratio"]
     lines = [
-        f"Fleet: {result['nbytes'] / MiB:.0f} MiB model, every host's link {result['mbit']:.0f} Mbit/s both ways, "
+        f"Fleet: {result.get('model_bytes', result['nbytes']) / MiB:.0f} MiB model (the Llama shape closest to "
+        f"{result['nbytes'] / MiB:.0f} MiB: one layer and its 32k vocabulary), every host's link "
+        f"{result['mbit']:.0f} Mbit/s both ways, "
         f"medians of {result['runs']} runs, every load bit-exact. Unit (one new instance alone): {m['unit']:.2f} s.",
         "",
         "| new instances at once | pull from the origin | relay chain | goal (relay) |",
