@@ -35,8 +35,10 @@ def test_a_clean_load_checks_every_tensor(source):
     assert out["ok"] and out["verified"] is True and out["corrupt"] == {}
     expected = digests_of(TensorSet(build("mixed", 1)))
     assert out["digests"] == expected.to_wire()  # what the origin computed, as the client got it
-    default = _load([src.address])  # from the origin itself the default checks nothing (its cost: README)
-    assert default["ok"] and default["verified"] is False and default["digests"] == expected.to_wire()
+    default = _load([src.address])  # the default checks every tensor too (its cost: README, Integrity)
+    assert default["ok"] and default["verified"] is True and default["digests"] == expected.to_wire()
+    unchecked = _load([src.address], verify=False)
+    assert unchecked["ok"] and unchecked["verified"] is False and unchecked["digests"] == expected.to_wire()
 
 
 def test_a_source_serves_the_digests_it_was_given_unchanged(source):

@@ -7,7 +7,7 @@ On the same generated model it measures
 - **disk_cold** / **disk_warm**: the ordinary safetensors loader (:func:`netloader.demo.load_from_safetensors`)
   from a file evicted from the page cache before each run (``POSIX_FADV_DONTNEED``) / already cached;
 - **netloader**: :func:`netloader.load_weights` end to end (connect, handshake, manifest check, a fresh group,
-  transfer, weights in place; from an origin, the default ``verify`` checks no digest);
+  transfer, weights in place), with ``verify=False``: no digest checked;
 - **netloader_verify**: the same with ``verify=True``, every tensor checked against the origin's digests (the pair
   gives the digest check's cost);
 
@@ -366,7 +366,7 @@ class Worker:
             netloader.load_weights(
                 target.module, [address], model_id=MODEL_ID, token=TOKEN, progress=False, bucket_size=bucket,
                 transport="gloo" if method == "netloader_gloo" else "auto",
-                verify=True if method == "netloader_verify" else None,
+                verify=method == "netloader_verify",
             )
         else:
             raise ValueError(f"unknown method {method!r}")
