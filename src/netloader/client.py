@@ -280,15 +280,20 @@ def _load(
         except NetloaderError as exc:
             failures[source] = exc
             logger.warning("netloader: source %s failed: %s: %s", source, type(exc).__name__, exc)
-    if resume.corrupt:
-        named = "; ".join(f"{src}: {_names(names)}" for src, names in resume.corrupt.items())
-        others = "".join(f"\n  {src}: {type(err).__name__}: {err}" for src, err in failures.items())
-        raise IntegrityError(
-            f"tensors arrived that do not match the origin's digests and no other source could replace them "
-            f"({named}); the target must not be used. Every source tried:{others}",
-            resume.corrupt, failures,
-        )
-    raise NoSourceError(failures)
+    raise _no_source_left(resume.corrupt, failures)
+
+
+def _no_source_left(corrupt: dict[str, list[str]], failures: dict[str, BaseException]) -> NetloaderError:
+    """The error of a load that every source failed: IntegrityError when some sent corrupt bytes."""
+    if not corrupt:
+        return NoSourceError(failures)
+    named = "; ".join(f"{src}: {_names(names)}" for src, names in corrupt.items())
+    others = "".join(f"\n  {src}: {type(err).__name__}: {err}" for src, err in failures.items())
+    return IntegrityError(
+        f"tensors arrived that do not match the origin's digests and no other source could replace them "
+        f"({named}); the target must not be used. Every source tried:{others}",
+        corrupt, failures,
+    )
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -735,15 +740,7 @@ def _load_striped(
             state.bar.close()
     verifier = state.verifier
     if state.pool is None or not state.pool.finished:
-        if state.corrupt:
-            named = "; ".join(f"{src}: {_names(names)}" for src, names in state.corrupt.items())
-            others = "".join(f"\n  {src}: {type(err).__name__}: {err}" for src, err in failures.items())
-            raise IntegrityError(
-                f"tensors arrived that do not match the origin's digests and no other source could replace them "
-                f"({named}); the target must not be used. Every source tried:{others}",
-                state.corrupt, failures,
-            )
-        raise NoSourceError(failures)
+        raise _no_source_left(state.corrupt, failures)
     if verifier is not None and verifier.enabled and not verifier.complete:  # cannot happen: each whole one is
         raise IntegrityError("some tensors were not checked against the origin's digests")
     main = max(per_source, key=per_source.__getitem__) if per_source else (sources[0] if sources else "")
