@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -76,6 +77,7 @@ from .transport.dist import CLIENT_RANK, ControlStore, DistTransport, form_group
 from .transport.streams import StreamTransport, tune_data_socket
 
 logger = logging.getLogger("netloader")
+_A = TypeVar("_A", Info, VerifyResult)
 
 DEFAULT_TIMEOUT = 60.0
 #: most sources one striped load uses at once
@@ -303,12 +305,7 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 def probe(address: str, *, token: str | None = None, timeout: float = 10.0) -> Info:
     """Ask a source what it serves (model id, rank, layout, tensors, bytes, transfers running)."""
-    with _connect(address, token, timeout) as conn:
-        send_message(conn, Probe(), timeout=timeout)
-        try:
-            return expect(read_message(conn, timeout=timeout), Info)
-        except ProtocolError as exc:
-            raise _classify(exc, "probe") from None
+    return _ask(address, token, timeout, Probe(), Info, "probe")
 
 
 def verify_source(address: str, *, token: str | None = None, timeout: float = 60.0) -> VerifyResult:
@@ -317,12 +314,19 @@ def verify_source(address: str, *, token: str | None = None, timeout: float = 60
     Answers with the number of mismatching tensors and the first names; a source runs one verify at a time and
     refuses another meanwhile (:class:`~netloader.BusyError`).
     """
+    return _ask(address, token, timeout, Verify(), VerifyResult, "verify")
+
+
+def _ask(
+    address: str, token: str | None, timeout: float, request: Probe | Verify, answer: type[_A], stage: str
+) -> _A:
+    """One request on a fresh authenticated connection, and its answer of type ``answer``."""
     with _connect(address, token, timeout) as conn:
-        send_message(conn, Verify(), timeout=timeout)
+        send_message(conn, request, timeout=timeout)
         try:
-            return expect(read_message(conn, timeout=timeout), VerifyResult)
+            return expect(read_message(conn, timeout=timeout), answer)
         except ProtocolError as exc:
-            raise _classify(exc, "verify") from None
+            raise _classify(exc, stage) from None
 
 
 @contextlib.contextmanager
@@ -467,7 +471,6 @@ def _load_from(
         _, remote, params, digests = _request(conn, target, identity, kind, wanted_bucket, options)
         plan = make_plan(remote, params)
         kept = resume.completed if resume.params == params else set()
-        # the default: relayed bytes are checked, and so is everything after a source sent corrupt bytes
         verify = options.verify is not False
         if not kept:
             resume.verified.clear()
@@ -741,7 +744,7 @@ def _load_striped(
     verifier = state.verifier
     if state.pool is None or not state.pool.finished:
         raise _no_source_left(state.corrupt, failures)
-    if verifier is not None and verifier.enabled and not verifier.complete:  # cannot happen: each whole one is
+    if verifier is not None and not verifier.complete:  # cannot happen: each whole one is
         raise IntegrityError("some tensors were not checked against the origin's digests")
     main = max(per_source, key=per_source.__getitem__) if per_source else (sources[0] if sources else "")
     report = LoadReport(
@@ -752,7 +755,7 @@ def _load_striped(
         failures={s: e for s, e in failures.items()},
         transport=kind,
         sources=per_source,
-        verified=verifier is not None and verifier.enabled,
+        verified=verifier is not None,
         corrupt=state.corrupt,
         digests=state.digests,
     )
@@ -784,7 +787,7 @@ def _stripe_session(
                 if state.plan is None:
                     plan = make_plan(remote, params)
                     state.digests = digests
-                    state.verifier = StripedVerifier(plan, target, digests, True) if options.verify is not False \
+                    state.verifier = StripedVerifier(plan, target, digests) if options.verify is not False \
                         else None
                     state.total = plan.payload_from(0)
                     size = unit_size(state.total, state.max_sources)

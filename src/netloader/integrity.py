@@ -226,17 +226,15 @@ class StripedVerifier:
     of each message is remembered, so that a tensor whose bytes do not match the origin's digest can be pinned on
     the source that sent them.
 
-    ``enabled`` False only tracks what is in place: :meth:`enable` (a relay joined the load, or a source sent bad
-    bytes) checks every tensor already whole and every later one. :meth:`on_op` and :meth:`enable` return the
-    tensors found bad; :meth:`blame` says who sent a bad tensor and marks the messages carrying it as not in
-    place again (every tensor sharing one of those messages is checked again when it is refetched).
+    :meth:`on_op` returns the tensors found bad; :meth:`blame` says who sent a bad tensor and marks the messages
+    carrying it as not in place again (every tensor sharing one of those messages is checked again when it is
+    refetched).
     """
 
-    def __init__(self, plan: TransferPlan, target: TensorSet, digests: Digests, enabled: bool) -> None:
+    def __init__(self, plan: TransferPlan, target: TensorSet, digests: Digests) -> None:
         self.plan = plan
         self.target = target
         self.digests = digests
-        self.enabled = enabled
         self._lock = threading.Lock()
         self._remaining = [0] * len(target.tensors)
         self._covering: list[list[int]] = [[] for _ in target.tensors]
@@ -246,10 +244,9 @@ class StripedVerifier:
                 self._covering[seg.index].append(i)
         self._sent_by: list[str | None] = [None] * len(plan.ops)
         self._verified: set[int] = set()
-        #: whole while checking was off: checked by :meth:`enable`
-        self._unchecked = [i for i, left in enumerate(self._remaining) if not left]  # no bytes to move
-        if enabled:  # (one that does not match can never be fetched: the load ends with "not checked")
-            self._unchecked = self._check_all(self._unchecked)
+        # tensors with no bytes to move are whole now (one that does not match can never be fetched: the load
+        # ends with "not checked")
+        self._check_all([i for i, left in enumerate(self._remaining) if not left])
 
     def on_op(self, op_index: int, source: str) -> list[int]:
         whole: list[int] = []
@@ -260,17 +257,6 @@ class StripedVerifier:
                 self._remaining[seg.index] = left
                 if not left:
                     whole.append(seg.index)
-            if not self.enabled:
-                self._unchecked.extend(whole)
-                return []
-        return self._check_all(whole)
-
-    def enable(self) -> list[int]:
-        with self._lock:
-            if self.enabled:
-                return []
-            self.enabled = True
-            whole, self._unchecked = self._unchecked, []
         return self._check_all(whole)
 
     def _check_all(self, indices: Iterable[int]) -> list[int]:
@@ -312,4 +298,4 @@ class StripedVerifier:
     def complete(self) -> bool:
         """Every tensor is whole and was checked."""
         with self._lock:
-            return self.enabled and not any(self._remaining) and len(self._verified) == len(self.target.tensors)
+            return not any(self._remaining) and len(self._verified) == len(self.target.tensors)
